@@ -1,0 +1,19 @@
+"""Shared fixtures. Tests run offline (no model hub) and write only to temporary folders."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ci_run(tmp_path_factory):
+    """One real training run of the `ci` experiment (embedded SmolLM2, a few steps), shared by the tests that
+    inspect what training leaves behind. Returns the `TrainResult`."""
+    from adapterlab.config import open_run
+    from adapterlab.train import run_training
+    root = tmp_path_factory.mktemp("ci-run")
+    cfg, run_dir = open_run("ci", "cpu", [f"output.root={root}"])
+    return run_training(cfg, run_dir)
