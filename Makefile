@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test sync-check pytest nbtest pipeline-ci docs clean-outputs
+.PHONY: install run test sync-check pytest nbtest pipeline-ci clean-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,7 +30,7 @@ install: $(STAMP)
 run: install
 	$(BIN)/adapterlab run --hw cpu
 
-test: install sync-check pytest nbtest pipeline-ci docs
+test: install sync-check pytest nbtest pipeline-ci
 
 # lib/ must be exactly what nbdev exports from nbs/, and notebooks must be clean (no outputs, no stray metadata).
 sync-check: install
@@ -51,9 +51,6 @@ nbtest: install
 
 pipeline-ci: install
 	$(BIN)/adapterlab run --hw cpu -f ci
-
-docs: install
-	$(BIN)/adapterlab docs
 
 clean-outputs:
 	rm -rf outputs/runs outputs/compat
