@@ -60,5 +60,6 @@ def main(argv: list[str] | None = None) -> int:
 __all__ = ['COMMAND_MODULES', 'build_parser', 'main']
 
 # %% ../../nbs/14_cli.ipynb #c0caf9e2
+# `python -m adapterlab.cli`; skipped by nbdev-test, whose kernel also runs as "__main__"
 if __name__ == "__main__":
     sys.exit(main())
