@@ -142,7 +142,8 @@ def run_pipeline(experiment: str = "json_contacts", hw: str = "cpu", overrides: 
                                       notebook=str(notebook.relative_to(run_dir)))
         _write_status(run_dir, status)
         echo(f"[{i}/{len(todo)}] {name:<12} done in {time.time() - start:.0f}s")
-    status.update(status="dry-run ok" if dry_run else "done", finished_utc=_now())
+    finished = "dry-run ok" if dry_run else "done" if todo[-1] == STAGES[-1] else f"stopped after {todo[-1]}"
+    status.update(status=finished, finished_utc=_now())
     _write_status(run_dir, status)
     report = write_report(run_dir)
     echo(f"report: {report}")
@@ -255,7 +256,8 @@ def format_runs(rows: list[dict]) -> str:
 
 # %% ../../nbs/11_pipeline.ipynb #478345a1
 def _cmd_run(args) -> int:
-    run_dir = run_pipeline(args.experiment, args.hw, args.set, dry_run=args.dry_run, resume=args.resume)
+    stages = STAGES[:STAGES.index(args.until) + 1]
+    run_dir = run_pipeline(args.experiment, args.hw, args.set, dry_run=args.dry_run, resume=args.resume, stages=stages)
     print(f"run folder: {run_dir}")
     return 0
 
@@ -270,6 +272,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter")
     p.add_argument("--dry-run", action="store_true", help="validate params, data, model, trainer; train nothing")
     p.add_argument("--resume", metavar="RUN_ID", help="continue a failed or killed run")
+    p.add_argument("--until", choices=STAGES, default=STAGES[-1], metavar="STAGE",
+                   help=f"stop after this stage (one of {', '.join(STAGES)}); a later --resume goes on from there")
     p.set_defaults(func=_cmd_run)
     p = subparsers.add_parser("runs", help="list runs with their status and key metrics")
     p.set_defaults(func=_cmd_runs)

@@ -21,8 +21,8 @@ from .models import load_base_model
 
 # %% auto #0
 __all__ = ['seed_everything', 'lora_config', 'attach_lora', 'sft_settings', 'weighted_trainer_class', 'metrics_callback',
-           'read_metrics', 'summarize_training', 'plot_loss', 'latest_checkpoint', 'TrainResult', 'train_stage',
-           'run_training', 'dry_run_training', 'verification_table', 'reload_logits_gap', 'add_cli']
+           'read_metrics', 'summarize_training', 'plot_loss', 'latest_checkpoint', 'rewind_metrics', 'TrainResult',
+           'train_stage', 'run_training', 'dry_run_training', 'verification_table', 'reload_logits_gap', 'add_cli']
 
 # %% ../../nbs/05_train.ipynb #efe40bbe
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -141,9 +141,29 @@ def plot_loss(run_dir: str | Path, save: bool = True):
 
 # %% ../../nbs/05_train.ipynb #d4496a25
 def latest_checkpoint(run_dir: Path) -> str | None:
-    "The newest `checkpoints/checkpoint-N` folder, to resume from."
-    cps = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(cps[-1]) if cps else None
+    "The newest complete `checkpoints/checkpoint-N` folder, to resume from."
+    # The Trainer writes `trainer_state.json` last: a folder without it is a checkpoint a kill interrupted.
+    cps = [p for p in (Path(run_dir) / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return str(max(cps, key=lambda p: int(p.name.split("-")[-1]))) if cps else None
+
+def rewind_metrics(run_dir: Path, checkpoint: str | None) -> int:
+    "Drop the logged rows a resumed run will log again (those after the checkpoint's step); returns the step kept."
+    path = Path(run_dir) / "metrics.jsonl"
+    step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
+    if path.exists():
+        kept = [l for l in path.read_text(encoding="utf-8").splitlines(True) if (row := _logged_row(l)) and row["step"] <= step]
+        path.write_text("".join(kept), encoding="utf-8")
+    return step
+
+def _logged_row(line: str) -> dict | None:
+    try:
+        return json.loads(line) if line.endswith("\n") else None   # a line the kill cut short is not a log row
+    except json.JSONDecodeError:
+        return None
+
+def _close(fig) -> None:
+    import matplotlib.pyplot as plt
+    plt.close(fig)
 
 def _save_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
@@ -177,8 +197,11 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False) -> Trai
                                 callbacks=[metrics_callback(run_dir / "metrics.jsonl")],
                                 trainer_cls=weighted_trainer_class() if weighted else None)
     val_before = trainer.evaluate(metric_key_prefix="val")["val_loss"] if data.val is not None else None
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if resume:
+        print(f"resuming from {checkpoint or 'the start: no complete checkpoint'} (step {rewind_metrics(run_dir, checkpoint)})")
     start = time.time()
-    trainer.train(resume_from_checkpoint=latest_checkpoint(run_dir) if resume else None)
+    trainer.train(resume_from_checkpoint=checkpoint)
     wall = time.time() - start
     trainer.save_state()
     val_after = trainer.evaluate(metric_key_prefix="val")["val_loss"] if data.val is not None else None
@@ -194,7 +217,7 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False) -> Trai
     metrics = summarize_training(read_metrics(run_dir), wall)
     if val_before is not None:
         metrics.update(val_loss_before=val_before, val_loss_after=val_after)
-    plot_loss(run_dir)
+    _close(plot_loss(run_dir))  # saved as loss.png; closed so a notebook shows only the plot it asks for
     artifact = write_artifact(run_dir, model, cfg, metrics=metrics, base=source, data_files=data.files,
                               extra={"base_checksums_sha256": verification["base_checksums_sha256"],
                                      "trainable_parameters": {k: trainable[k] for k in ("trainable", "total", "percent")}})
