@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test sync-check pytest nbtest pipeline-ci clean-outputs
+.PHONY: install run test sync-check readme-check pytest nbtest pipeline-ci docs clean-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,7 +30,7 @@ install: $(STAMP)
 run: install
 	$(BIN)/adapterlab run --hw cpu
 
-test: install sync-check pytest nbtest pipeline-ci
+test: install sync-check readme-check pytest nbtest pipeline-ci docs
 
 # lib/ must be exactly what nbdev exports from nbs/, and notebooks must be clean (no outputs, no stray metadata).
 sync-check: install
@@ -42,6 +42,10 @@ sync-check: install
 	  git --no-pager diff --stat -- lib nbs; exit 1; fi
 	@echo "sync-check: lib/ matches nbs/, notebooks are clean"
 
+# README.md is generated from nbs/index.ipynb (`adapterlab docs readme`): the two must not differ.
+readme-check: install
+	$(BIN)/adapterlab docs readme --check
+
 pytest: install
 	$(BIN)/pytest -q -ra
 
@@ -51,6 +55,11 @@ nbtest: install
 
 pipeline-ci: install
 	$(BIN)/adapterlab run --hw cpu -f ci
+
+# The docs site (mkdocs) into _docs/: index.ipynb, every module's API, each stage with the newest finished run's
+# outputs (after pipeline-ci in `make test`, that is the CI run). Fails on a broken build or link.
+docs: install
+	$(BIN)/adapterlab docs build
 
 clean-outputs:
 	rm -rf outputs/runs outputs/compat
