@@ -21,16 +21,16 @@ Arms (`--arms` takes a comma list, or `all`):
   trl            bare TRL: `SFTConfig` defaults except what CPU needs (use_cpu, bf16=False), batch, lr, steps,
                  max_length; LoRA through `peft_config`
   trl-nogc       the same with gradient_checkpointing=False (TRL turns checkpointing on by default)
-  compact        trl-nogc + loss from the LM head at the trained positions only (no full-vocab logits elsewhere,
-                 no per-step entropy/accuracy metrics): `completion_logits_trainer_cls`
+  compact        trl-nogc + loss from the LM head at the trained positions only (no full-vocab logits elsewhere;
+                 TRL's metrics kept): adapterlab.train.completion_logits_trainer_class
   compact-gbl    compact + length-grouped batches (train_sampling_strategy="group_by_length")
   compact-pf     compact + padding-free batches (all examples of a micro-batch in one row, block-diagonal attention)
   compact-t1     compact with torch.set_num_threads(1)
-  adapterlab     exactly what `adapterlab.train` does on the cpu profile today (attach_lora, sft_settings, compat,
-                 its trainer class), with only the step count, saving and logging changed for the benchmark
-  adapterlab+    adapterlab + the knobs this benchmark recommends (see bench/RESULTS.md) where adapterlab.train does
-                 not apply them yet
+  adapterlab     exactly what `adapterlab.train` does on the cpu profile (attach_lora, sft_settings, compat, its
+                 trainer class), with only the step count, saving and logging changed for the benchmark
 
+Evaluation waits until every arm has taken its last step, and runs one arm at a time, so it slows no timed step.
+Results and what they mean: bench/RESULTS.md.
 The machine this runs on is shared in development; the numbers are only comparable within one run.
 """
 from __future__ import annotations
@@ -49,59 +49,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-HEADLINE_ARMS = ["trl", "trl-nogc", "adapterlab", "adapterlab+"]
-ALL_ARMS = ["trl", "trl-nogc", "compact", "compact-gbl", "compact-pf", "compact-t1", "adapterlab", "adapterlab+"]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The candidate trainer: loss from the LM head at the trained positions only.
-#
-# TRL 1.16 scores every position through its fused LM head (tiles of the full 49k-entry vocabulary, forward and a
-# recomputation in backward) and also computes the entropy and top-1 accuracy over the whole vocabulary on every
-# step. On a GPU with Triton it drops the positions whose label is -100 first; on the CPU it does not. With a
-# completion-only loss two thirds of the positions are prompt or pad, so on CPU most of that work is thrown away.
-# This subclass runs the backbone, keeps the hidden states whose next-token label is trained, projects only those
-# through the LM head and takes the cross-entropy: the same loss (summed over trained tokens, divided by
-# `num_items_in_batch` exactly like TRL's), without the rest. Where TRL's own head already drops those positions
-# (CUDA/XPU with Triton), or the head scales its logits, it defers to TRL.
-# ---------------------------------------------------------------------------------------------------------------
-def completion_logits_trainer_cls(base=None):
-    import torch
-    import torch.nn.functional as F
-    from trl import SFTTrainer
-    base = base or SFTTrainer
-
-    class CompletionLogitsSFTTrainer(base):
-        "SFTTrainer whose training loss projects only the trained positions through the LM head (CPU)."
-
-        def _plain_head(self, model) -> bool:
-            cfg = model.config.get_text_config()
-            scaled = any(getattr(cfg, k, None) not in (None, 1.0) for k in
-                         ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                          "logits_scaling"))
-            return not scaled and self.args.loss_type == "nll" and self.label_smoother is None \
-                and self.compute_loss_func is None and not self.aux_loss_enabled
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            base_model = self.accelerator.unwrap_model(model)
-            base_model = base_model.get_base_model() if hasattr(base_model, "get_base_model") else base_model
-            device = inputs["input_ids"].device
-            if return_outputs or not model.training or device.type != "cpu" or not self._plain_head(base_model):
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            inputs = dict(inputs)
-            labels = inputs.pop("labels")
-            hidden = base_model.base_model(**inputs, use_cache=False).last_hidden_state
-            targets = labels[:, 1:]
-            keep = targets != -100
-            logits = base_model.get_output_embeddings()(hidden[:, :-1][keep]).float()
-            loss = F.cross_entropy(logits, targets[keep], reduction="sum")
-            n = keep.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-            loss = loss / torch.as_tensor(n, device=loss.device)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-            return loss
-
-    return CompletionLogitsSFTTrainer
+HEADLINE_ARMS = ["trl", "trl-nogc", "compact", "adapterlab"]
+ALL_ARMS = ["trl", "trl-nogc", "compact", "compact-gbl", "compact-pf", "compact-t1", "adapterlab"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,39 +93,22 @@ def bare_settings(cfg, out_dir: str, steps: int) -> dict:
 BENCH_OVERRIDES = dict(save_strategy="no", logging_steps=1, report_to=[], disable_tqdm=True, eval_strategy="no")
 
 
-def recommended_knobs(cfg) -> tuple[dict, bool]:
-    """`(SFTConfig settings, use the completion-logits trainer)` the cpu profile should train with; each reads its
-    `hw` key when adapterlab.config has it, else the value this benchmark recommends."""
-    hw = cfg.hw
-    settings = {"gradient_checkpointing": hw.gradient_checkpointing}
-    if getattr(hw, "group_by_length", False):
-        settings["train_sampling_strategy"] = "group_by_length"
-    return settings, getattr(hw, "completion_logits_only", True)
-
-
 def make_trainer(arm: str, model, tok, train_ds, cfg, out_dir: str, steps: int):
     from trl import SFTConfig, SFTTrainer
-    if arm.startswith("adapterlab"):
+    if arm == "adapterlab":
         import adapterlab.train as T
         from adapterlab.compat import build_sft_trainer
         model = T.attach_lora(model, cfg)
         settings = {**T.sft_settings(cfg, Path(out_dir)), **BENCH_OVERRIDES, "max_steps": steps}
-        weighted = cfg.data.weighted_sampling and "weight" in train_ds.column_names \
-            and len(set(train_ds["weight"])) > 1
-        trainer_cls = T.weighted_trainer_class() if weighted else None
-        if arm == "adapterlab+":
-            knobs, compact = recommended_knobs(cfg)
-            settings.update(knobs)
-            if compact:
-                trainer_cls = completion_logits_trainer_cls(trainer_cls)
-        return build_sft_trainer(model, tok, train_ds, settings, trainer_cls=trainer_cls)
+        return build_sft_trainer(model, tok, train_ds, settings, trainer_cls=T.trainer_class(cfg, train_ds))
     s = bare_settings(cfg, out_dir, steps)
     cls = SFTTrainer
     if arm == "trl-nogc":
         s["gradient_checkpointing"] = False
     elif arm.startswith("compact"):
         s["gradient_checkpointing"] = False
-        cls = completion_logits_trainer_cls()
+        from adapterlab.train import completion_logits_trainer_class
+        cls = completion_logits_trainer_class(SFTTrainer)
         if arm == "compact-gbl":
             s["train_sampling_strategy"] = "group_by_length"
         if arm == "compact-pf":
@@ -274,6 +206,8 @@ def worker(arm: str, steps: int, threads: int | None) -> int:
         tr.add_callback(lockstep_clock(counter, cfg.hw.grad_accum))
         print("READY", flush=True)
         tr.train()
+        if sys.stdin.readline().strip() != "eval":   # wait: another arm's eval must not slow an arm still training
+            raise SystemExit("driver went away")
     train_losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
     print("RESULT " + json.dumps(dict(
         arm=arm, trainer=type(tr).__name__, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -312,6 +246,8 @@ class Arm:
         return d
 
     def finish(self, warmup: int) -> dict:
+        self.p.stdin.write("eval\n")
+        self.p.stdin.flush()
         r = json.loads(self.expect("RESULT "))
         self.p.wait()
         timed = self.steps_data[warmup:]
@@ -368,7 +304,7 @@ def main(argv=None) -> int:
           f"{r0['transformers']}, trl {r0['trl']}\n")
     print(table(results))
     by = {r["arm"]: r for r in results}
-    for name in ("adapterlab", "adapterlab+"):
+    for name in ("adapterlab",):
         if "trl" in by and name in by:
             a, b = by[name], by["trl"]
             line = (f"\n{name} / bare TRL, useful (non-pad) tokens/s: {a['tok_s_real'] / b['tok_s_real']:.2f}× "

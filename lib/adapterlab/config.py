@@ -99,6 +99,8 @@ class HwConfig:
     batch_size: int = spec("micro-batch per device", ge=1)
     grad_accum: int = spec("micro-batches per optimizer step", ge=1)
     gradient_checkpointing: bool = spec("recompute activations in backward to save memory")
+    completion_logits_only: bool = spec("on the CPU, project only the trained positions through the LM head: TRL's loss, "
+                                         "less work (adapterlab.train.completion_loss; bench/cpu_vs_trl.py)")
     optimizer: str = spec("optimizer name as transformers spells it",
                           choices=("adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "sgd"))
     max_seq_length: int = spec("tokens per example after the chat template", ge=8)

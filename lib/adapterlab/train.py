@@ -20,9 +20,10 @@ from .data import PreparedData, load_prepared, prepare_data, weighted_sampler
 from .models import load_base_model
 
 # %% auto #0
-__all__ = ['seed_everything', 'lora_config', 'attach_lora', 'sft_settings', 'weighted_trainer_class', 'metrics_callback',
-           'read_metrics', 'summarize_training', 'plot_loss', 'latest_checkpoint', 'rewind_metrics', 'TrainResult',
-           'train_stage', 'run_training', 'dry_run_training', 'verification_table', 'reload_logits_gap', 'add_cli']
+__all__ = ['seed_everything', 'lora_config', 'attach_lora', 'sft_settings', 'weighted_trainer_class', 'plain_lm_head',
+           'completion_loss', 'completion_logits_trainer_class', 'trainer_class', 'metrics_callback', 'read_metrics',
+           'summarize_training', 'plot_loss', 'latest_checkpoint', 'rewind_metrics', 'TrainResult', 'train_stage',
+           'run_training', 'dry_run_training', 'verification_table', 'reload_logits_gap', 'add_cli']
 
 # %% ../../nbs/05_train.ipynb #efe40bbe
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -85,6 +86,70 @@ def weighted_trainer_class():
 
 def _has_unequal_weights(ds) -> bool:
     return "weight" in ds.column_names and len(set(ds["weight"])) > 1
+
+# %% ../../nbs/05_train.ipynb #c0ffee02
+_SCALED_HEAD_KEYS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+def plain_lm_head(model) -> bool:
+    "True when `model`'s logits are its LM head's output as is (no scaling or soft-capping to reproduce)."
+    cfg = model.config.get_text_config()
+    return all(getattr(cfg, k, None) in (None, 1.0) for k in _SCALED_HEAD_KEYS)
+
+def completion_loss(causal_lm, inputs: dict, num_items_in_batch=None) -> tuple:
+    """`(loss, n_trained, n_correct, entropy_sum)` of a causal LM on `inputs` (with `labels`, -100 = not trained),
+    projecting only the trained positions through the LM head."""
+    import torch
+    import torch.nn.functional as F
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    hidden = causal_lm.base_model(**inputs, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+    n = keep.sum() if num_items_in_batch is None else num_items_in_batch
+    loss = loss / torch.as_tensor(n, device=loss.device).clamp(min=1)
+    with torch.no_grad():
+        logp = logits.detach().log_softmax(-1)
+        entropy = -(logp.exp() * logp).sum()
+        correct = (logits.detach().argmax(-1) == targets[keep]).sum()
+    return loss, keep.sum(), correct, entropy
+
+def completion_logits_trainer_class(base):
+    "`base` (an `SFTTrainer` class) computing its CPU training loss with `completion_loss`, TRL's metrics kept."
+    class CompletionLogitsTrainer(base):
+        def _completion_loss_applies(self, model, inputs, return_outputs) -> bool:
+            # TRL's own bookkeeping that this path must keep up: absent in another release, defer to TRL
+            bookkeeping = all(hasattr(self, a) for a in ("_metrics", "_total_train_tokens", "accelerator"))
+            return (bookkeeping and model.training and not return_outputs and inputs["input_ids"].device.type == "cpu"
+                    and "attention_mask" in inputs and self.args.loss_type == "nll" and self.label_smoother is None
+                    and self.compute_loss_func is None and not getattr(self, "aux_loss_enabled", False))
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            lm = self.accelerator.unwrap_model(model)
+            lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+            if not (self._completion_loss_applies(model, inputs, return_outputs) and plain_lm_head(lm)):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, n, correct, entropy = completion_loss(lm, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as TRL and Trainer do: DDP averages the gradients
+            gather = lambda t: self.accelerator.gather_for_metrics(t.detach()).sum()
+            n_all, metrics = gather(n), self._metrics["train"]
+            metrics["entropy"].append((gather(entropy) / n_all).item() if n_all > 0 else 0.0)
+            metrics["mean_token_accuracy"].append((gather(correct) / n_all).item() if n_all > 0 else 0.0)
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).item()
+            metrics["num_tokens"] = [self._total_train_tokens]
+            return loss
+
+    return CompletionLogitsTrainer
+
+def trainer_class(cfg: Config, train_dataset):
+    "The trainer class the config asks for: weighted sampling and/or the CPU completion loss over TRL's `SFTTrainer`."
+    from trl import SFTTrainer
+    cls = weighted_trainer_class() if cfg.data.weighted_sampling and _has_unequal_weights(train_dataset) else SFTTrainer
+    if cfg.hw.completion_logits_only and cfg.hw.device == "cpu":
+        cls = completion_logits_trainer_class(cls)
+    return None if cls is SFTTrainer else cls
 
 # %% ../../nbs/05_train.ipynb #c35016e1
 def metrics_callback(path: Path):
@@ -192,10 +257,9 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False) -> Trai
     before = base_checksums(model)
     _save_json(run_dir / "baseline_checksums.json", before)
 
-    weighted = cfg.data.weighted_sampling and _has_unequal_weights(data.train)
     trainer = build_sft_trainer(model, tokenizer, data.train, sft_settings(cfg, run_dir), eval_dataset=data.val,
                                 callbacks=[metrics_callback(run_dir / "metrics.jsonl")],
-                                trainer_cls=weighted_trainer_class() if weighted else None)
+                                trainer_cls=trainer_class(cfg, data.train))
     val_before = trainer.evaluate(metric_key_prefix="val")["val_loss"] if data.val is not None else None
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume:
@@ -238,7 +302,8 @@ def dry_run_training(cfg: Config, run_dir: str | Path) -> dict:
     data = load_prepared(run_dir) if (run_dir / "data" / "train.jsonl").exists() else prepare_data(cfg, run_dir, tokenizer)
     model = attach_lora(model, cfg)
     trainable = check_only_adapter_trainable(model)
-    trainer = build_sft_trainer(model, tokenizer, data.train, sft_settings(cfg, run_dir), eval_dataset=data.val)
+    trainer = build_sft_trainer(model, tokenizer, data.train, sft_settings(cfg, run_dir), eval_dataset=data.val,
+                                trainer_cls=trainer_class(cfg, data.train))
     steps = trainer.args.max_steps if trainer.args.max_steps > 0 else len(trainer.get_train_dataloader()) * trainer.args.num_train_epochs // max(cfg.hw.grad_accum, 1)
     report = {"dry_run": True, "base_model": source.spec, "train_examples": len(data.train),
               "val_examples": len(data.val) if data.val is not None else 0, "planned_steps": int(steps),
