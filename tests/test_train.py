@@ -85,3 +85,39 @@ def test_base_tensor_changed_during_training_is_caught_and_named(tmp_path, monke
         run_training(cfg, run_dir)
     assert json.loads((run_dir / "verification.json").read_text())["base_tensors_changed"]
     assert not list(run_dir.glob("artifact*"))
+
+
+def test_cpu_completion_loss_is_trls_loss_at_less_cost(tmp_path):
+    """The cpu profile's trainer (LM head on the trained positions only) against TRL's own `SFTTrainer` on the same
+    real batch of the embedded model: the same loss, gradients and logged token metrics."""
+    from trl import SFTTrainer
+    from adapterlab.compat import build_sft_trainer
+    from adapterlab.data import prepare_data
+    from adapterlab.models import load_base_model
+    from adapterlab.train import attach_lora, sft_settings, trainer_class
+    cfg, run_dir = open_run("ci", "cpu", [f"output.root={tmp_path}"])
+    model, tok, _ = load_base_model(cfg)
+    data = prepare_data(cfg, run_dir, tok)
+    model = attach_lora(model, cfg)
+    ours_cls = trainer_class(cfg, data.train)
+    assert ours_cls is not None and issubclass(ours_cls, SFTTrainer)   # the profile turns it on
+    settings = {**sft_settings(cfg, run_dir), "report_to": []}
+    ours = build_sft_trainer(model, tok, data.train, settings, trainer_cls=ours_cls)
+    trl = build_sft_trainer(model, tok, data.train, settings)
+    batch = next(iter(trl.get_train_dataloader()))
+    trained = int((batch["labels"][:, 1:] != -100).sum())
+    assert 0 < trained < batch["labels"][:, 1:].numel()        # prompt and padding are left out of the loss
+    lora = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    model.train()
+    results = {}
+    for name, trainer in (("trl", trl), ("ours", ours)):
+        torch.manual_seed(0)
+        model.zero_grad()
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(trained))
+        loss.backward()
+        logged = trainer._metrics["train"]
+        results[name] = (loss.item(), lora.grad.clone(), logged["mean_token_accuracy"][-1], logged["entropy"][-1])
+    (l_trl, g_trl, acc_trl, ent_trl), (l_ours, g_ours, acc_ours, ent_ours) = results["trl"], results["ours"]
+    assert abs(l_ours - l_trl) < 1e-4 * max(1.0, abs(l_trl)), (l_ours, l_trl)
+    assert torch.allclose(g_ours, g_trl, rtol=1e-3, atol=1e-6)
+    assert abs(acc_ours - acc_trl) < 1e-6 and abs(ent_ours - ent_trl) < 1e-3 * max(1.0, ent_trl)
