@@ -18,8 +18,8 @@ from .config import Config, load_run_config, open_run, project_root, runs_root
 
 # %% auto #0
 __all__ = ['STAGES', 'DRY_RUN_STAGES', 'StageFailed', 'stage_notebook', 'read_status', 'environment_lock', 'write_provenance',
-           'run_stage', 'find_run', 'run_pipeline', 'report_markdown', 'write_report', 'list_runs', 'format_runs',
-           'add_cli']
+           'run_stage', 'find_run', 'run_pipeline', 'data_markdown', 'compat_markdown', 'report_markdown',
+           'write_report', 'list_runs', 'format_runs', 'add_cli']
 
 # %% ../../nbs/11_pipeline.ipynb #b5c94c85
 STAGES = ("data", "compat", "train", "regressions", "eval")
@@ -162,6 +162,68 @@ def _demote_headings(md: str, levels: int = 2) -> str:
 def _section(title: str, body: str | None, missing: str) -> str:
     return f"## {title}\n\n{body.strip() if body else '_' + missing + '_'}\n"
 
+def _fmt(v) -> str:
+    "Numbers as a reader wants them in a table: 4 significant digits, integers as they are."
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+def _drop_title(md: str) -> str:
+    "A stage's own Markdown without its `# Title` line (the report gives the section its heading)."
+    lines = md.strip().splitlines()
+    return "\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines)
+
+def _table(header: list[str], rows: list[list]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows])
+
+def data_markdown(stats: dict | None, run_dir: Path) -> str | None:
+    "The data stage's statistics as a reader wants them: inputs and rejects, the split, token lengths, weights."
+    if not stats:
+        return None
+    inputs = _table(["input", "source", "records", "valid", "rejected", "too long: dropped", "truncated"],
+                    [[name, f"`{i['source']}`", i["records"], i["valid"], i["rejected"], i["dropped_too_long"],
+                      i["truncated"]] for name, i in stats.get("inputs", {}).items()])
+    split = stats.get("split", {})
+    lines = [inputs, "",
+             f"Split (seed {split.get('seed')}, validation fraction {split.get('val_fraction')}): "
+             f"**{split.get('train')}** train and **{split.get('val')}** validation examples; "
+             f"{stats.get('duplicates_removed', 0)} exact duplicates removed; "
+             f"{stats.get('eval_overlap_with_train', 0)} eval prompts also in the training data."]
+    tokens = stats.get("tokens", {})
+    parts = [k for k in ("train", "val", "eval") if isinstance(tokens.get(k), dict)]
+    if parts:
+        lines += ["", f"Tokens per example after the chat template (limit {tokens.get('max_seq_length')}, "
+                      f"longer ones: {tokens.get('too_long')}):", "",
+                  _table(["split", "examples", "min", "median", "p95", "max"],
+                         [[k] + [tokens[k].get(c) for c in ("count", "min", "median", "p95", "max")] for k in parts])]
+    weights = stats.get("weights", {})
+    if weights.get("classes"):
+        lines += ["", "Weights (weighted sampling " + ("on" if weights.get("weighted_sampling") else "off") + "):", "",
+                  _table(["weight", "label", "records", "share of records", "expected share of draws",
+                          "observed share of draws"],
+                         [[c["weight"], c.get("label") or "", c["records"], c["share_of_records"],
+                           c.get("expected_share_of_draws"), c.get("observed_share_of_draws")] for c in weights["classes"]])]
+    if (run_dir / "data" / "lengths.png").exists():
+        lines += ["", "![token lengths](data/lengths.png)"]
+    if (run_dir / "data" / "rejects.jsonl").exists():
+        lines += ["", "Rejected records, with reasons: [data/rejects.jsonl](data/rejects.jsonl)"]
+    return "\n".join(lines)
+
+def compat_markdown(compat: dict | None) -> str | None:
+    "What the compat stage decided for this run: versions, how many settings went where, and every translated one."
+    if not compat:
+        return None
+    steps = compat["run"]["steps"]
+    versions = ", ".join(f"{k} {v}" for k, v in compat.get("versions", {}).items() if k in ("trl", "transformers", "peft"))
+    moved = [st for st in steps if st["how"] not in ("field", "canonical")]
+    lines = [f"On {versions}: all {len(steps)} training settings of this run placed, none dropped"
+             + (f"; {len(moved)} of them translated:" if moved else "; none needed translating."), ""]
+    if moved:
+        lines += [_table(["given", "placed as", "why"],
+                         [[f"`{st['given']}`", f"`{st['where']}({st['name']}=…)`", st.get("note") or st["how"]]
+                          for st in moved]), ""]
+    lines.append("The full decision record, with the evidence and every TRL release: [compat/ADR.md](compat/ADR.md).")
+    return "\n".join(lines)
+
 def report_markdown(run_dir: str | Path) -> str:
     "The run report as Markdown (links are relative to the run folder)."
     from adapterlab.train import verification_table
@@ -177,25 +239,16 @@ def report_markdown(run_dir: str | Path) -> str:
              "| stage | status | seconds | record |\n|---|---|---|---|\n" + stages + "\n",
              "Parameters: [params.yaml](params.yaml) (origin of every value: [params_origin.yaml](params_origin.yaml)); "
              "environment: [environment.txt](environment.txt); provenance: [provenance.json](provenance.json).\n"]
-    stats = _json(run_dir / "data" / "stats.json")
-    data_md = None
-    if stats:
-        keep = {k: v for k, v in stats.items() if not isinstance(v, (dict, list))}
-        data_md = "| statistic | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in keep.items())
-        if (run_dir / "data" / "lengths.png").exists():
-            data_md += "\n\n![token lengths](data/lengths.png)"
-        if (run_dir / "data" / "rejects.jsonl").exists():
-            data_md += "\n\nRejected records, with reasons: [data/rejects.jsonl](data/rejects.jsonl)"
+    data_md = data_markdown(_json(run_dir / "data" / "stats.json"), run_dir)
     parts.append(_section("Data", data_md, "the data stage did not run"))
-    adr = run_dir / "compat" / "ADR.md"
-    parts.append(_section("Compatibility", f"The TRL API probe's decision record: [compat/ADR.md](compat/ADR.md)."
-                          if adr.exists() else None, "the compat stage did not run"))
+    parts.append(_section("Compatibility", compat_markdown(_json(run_dir / "compat" / "compat.json")),
+                          "the compat stage did not run"))
     summary = _json(run_dir / "train_summary.json")
     dry = _json(run_dir / "dry_run.json")
     train_md = None
     if summary:
         m = summary["metrics"]
-        train_md = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in m.items())
+        train_md = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {_fmt(v)} |" for k, v in m.items())
         train_md += "\n\n![loss](loss.png)\n\n### Verification\n\n" + verification_table(summary)
         train_md += f"\n\nArtifact: [{Path(summary['artifact']).name}/]({Path(summary['artifact']).name}/README.md)"
     elif dry:
@@ -203,7 +256,9 @@ def report_markdown(run_dir: str | Path) -> str:
     plan = _read(run_dir / "plan.md")
     parts.append(_section("Training", ((plan + "\n\n") if plan else "") + train_md if train_md else None,
                           "the train stage did not run"))
-    parts.append(_section("Regression checks", _read(run_dir / "regressions" / "table.md"), "the regressions stage did not run"))
+    regressions = _read(run_dir / "regressions" / "table.md")
+    parts.append(_section("Regression checks", _drop_title(regressions) if regressions else None,
+                          "the regressions stage did not run"))
     eval_md = _read(run_dir / "eval" / "report.md")
     parts.append(_section("Evaluation: base vs adapter", _demote_headings(eval_md).replace("](", "](eval/") if eval_md else None,
                           "the eval stage did not run"))
