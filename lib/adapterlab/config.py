@@ -25,7 +25,7 @@ __all__ = ['SECTIONS', 'project_root', 'params_dir', 'spec', 'ModelConfig', 'Lor
            'EvalConfig', 'QueueConfig', 'PreferenceConfig', 'OutputConfig', 'Config', 'ConfigError', 'Layer',
            'load_layer', 'overrides_layer', 'merge_layers', 'build_dataclass', 'find_params_file', 'resolve_config',
            'HardwareError', 'check_hardware', 'config_to_dict', 'config_from_dict', 'runs_root', 'new_run_id',
-           'make_run_dir', 'save_config', 'load_run_config', 'injected_sections', 'open_run']
+           'make_run_dir', 'save_config', 'load_run_config', 'quiet_stage_output', 'injected_sections', 'open_run']
 
 # %% ../../nbs/00_config.ipynb #a79fcff1
 def project_root() -> Path:
@@ -448,6 +448,24 @@ def load_run_config(run_dir: str | Path) -> Config:
     if added:
         warnings.warn(f"{snapshot.source}: filled keys newer than this run from {defaults.source}: {', '.join(added)}")
     return build_dataclass(Config, merged, origin)
+
+# %% ../../nbs/00_config.ipynb #a11ce002
+_LIBRARY_NOISE = (  # (warning category, start of the message) that the libraries emit and a reader cannot act on
+    (Warning, "IProgress not found"),
+    (FutureWarning, "`is_gradient_checkpointing` is deprecated"),
+    (FutureWarning, "`gradient_checkpointing` is deprecated"),
+    (FutureWarning, "`gradient_checkpointing_kwargs` is deprecated"),
+)
+
+def quiet_stage_output() -> None:
+    "Silence the libraries' progress bars and the warnings listed in `_LIBRARY_NOISE` (call before importing them)."
+    import logging
+    import warnings
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")        # huggingface_hub and transformers' loaders
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    for category, message in _LIBRARY_NOISE:
+        warnings.filterwarnings("ignore", message=re.escape(message), category=category)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # %% ../../nbs/00_config.ipynb #d4f72553
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "experiment")
