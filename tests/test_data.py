@@ -91,6 +91,18 @@ def test_fixture_is_what_its_generator_writes(tmp_path):
         assert (tmp_path / name).read_bytes() == (FIXTURES / name).read_bytes(), name
 
 
+
+def test_sample_task_is_what_its_generator_writes(tmp_path):
+    """sample_data/README.md keeps the json_contacts generator verbatim: it must still write the shipped files."""
+    import re
+    import adapterlab
+    sample = Path(adapterlab.__file__).parent / "sample_data"
+    code = re.search(r"```python\n(.*?)```", (sample / "README.md").read_text(), re.S).group(1)
+    (tmp_path / "gen.py").write_text(code.replace('Path("lib/adapterlab/sample_data/json_contacts")', f'Path(r"{tmp_path}")'))
+    subprocess.run([sys.executable, str(tmp_path / "gen.py")], check=True, capture_output=True)
+    for name in ("train.jsonl", "eval.jsonl"):
+        assert (tmp_path / name).read_bytes() == (sample / "json_contacts" / name).read_bytes(), name
+
 # --- formats and weights -----------------------------------------------------------------------------------------
 
 def test_three_formats_normalise_to_one_record():
