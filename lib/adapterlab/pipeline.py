@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -18,8 +19,8 @@ from .config import Config, load_run_config, open_run, project_root, runs_root
 
 # %% auto #0
 __all__ = ['STAGES', 'DRY_RUN_STAGES', 'StageFailed', 'stage_notebook', 'read_status', 'environment_lock', 'write_provenance',
-           'run_stage', 'find_run', 'run_pipeline', 'data_markdown', 'compat_markdown', 'report_markdown',
-           'write_report', 'list_runs', 'format_runs', 'add_cli']
+           'ipc_kernel_manager', 'run_stage', 'find_run', 'run_pipeline', 'data_markdown', 'compat_markdown',
+           'report_markdown', 'write_report', 'list_runs', 'format_runs', 'add_cli']
 
 # %% ../../nbs/11_pipeline.ipynb #b5c94c85
 STAGES = ("data", "compat", "train", "regressions", "eval")
@@ -72,6 +73,23 @@ def write_provenance(cfg: Config, run_dir: Path) -> dict:
     return prov
 
 # %% ../../nbs/11_pipeline.ipynb #18d66417
+def ipc_kernel_manager(folder: Path):
+    """A jupyter `KernelManager` class whose kernel talks over Unix sockets in `folder`: nothing listens on a TCP port
+    (the kernel would otherwise warn, rightly, that its traffic is unencrypted on localhost)."""
+    from jupyter_client.manager import KernelManager
+    from traitlets import default
+
+    class IPCKernelManager(KernelManager):
+        @default("transport")
+        def _transport_default(self):
+            return "ipc"
+
+        @default("ip")
+        def _ip_default(self):
+            return str(folder / "kernel")   # absolute: the kernel runs in the notebook's folder, not ours
+
+    return IPCKernelManager
+
 def run_stage(name: str, index: int, run_dir: Path, parameters: dict) -> Path:
     "Execute one stage notebook into `run_dir/notebooks/`; raise `StageFailed` naming the cell and the error."
     import papermill
@@ -80,8 +98,10 @@ def run_stage(name: str, index: int, run_dir: Path, parameters: dict) -> Path:
     out = run_dir / "notebooks" / f"{index:02d}_{name}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        papermill.execute_notebook(str(src), str(out), parameters=parameters, kernel_name="python3",
-                                   progress_bar=False, log_output=False, cwd=str(src.parent))
+        with tempfile.TemporaryDirectory(prefix="adapterlab-kernel-") as sockets:
+            papermill.execute_notebook(str(src), str(out), parameters=parameters, kernel_name="python3",
+                                       progress_bar=False, log_output=False, cwd=str(src.parent),
+                                       kernel_manager_class=ipc_kernel_manager(Path(sockets)))
     except PapermillExecutionError as e:
         first_line = str(e.evalue).strip().splitlines()[0] if str(e.evalue).strip() else ""
         raise StageFailed(f"stage '{name}' failed in cell [{e.exec_count}]: {e.ename}: {first_line}\n"
