@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from adapterlab.config import HardwareError
 from adapterlab.pipeline import StageFailed, read_status, run_pipeline
 
 pytestmark = pytest.mark.slow
@@ -28,3 +29,12 @@ def test_a_failing_stage_stops_the_run_naming_stage_cell_and_error(tmp_path):
     assert [r["line"] for r in rejects] == [2, 3]                  # what was done is kept: every reject, with its line
     assert "**failed**" in (run_dir / "report.md").read_text()
     assert (run_dir / "params.yaml").exists() and (run_dir / "notebooks" / "01_data.ipynb").exists()
+
+
+def test_a_gpu_profile_without_a_gpu_stops_before_any_stage(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(HardwareError, match=r"params/hw/8gb.yaml:\d+: hw profile '8gb' needs a CUDA GPU.*hw.device=cpu"):
+        run_pipeline("ci", "8gb", [f"output.root={tmp_path}"], echo=lambda _: None)
+    assert not (tmp_path / "runs").exists()               # refused at once: no run folder, no stage started

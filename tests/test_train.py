@@ -23,9 +23,14 @@ def test_loss_falls(ci_run):
 def test_run_folder_holds_what_the_stage_promises(ci_run):
     run_dir = Path(ci_run.summary["run_dir"])
     for name in ("params.yaml", "params_origin.yaml", "metrics.jsonl", "loss.png", "baseline_checksums.json",
-                 "verification.json", "train_summary.json", "data/train.jsonl", "checkpoints"):
+                 "verification.json", "train_summary.json", "data/train.jsonl", "checkpoints", "plan.md", "plan.json",
+                 "memory.json"):
         assert (run_dir / name).exists(), name
     assert (run_dir / "checkpoints" / "trainer_state.json").exists()
+    memory = ci_run.summary["memory"]                     # the plan made before loading, and what the run used
+    assert memory == json.loads((run_dir / "memory.json").read_text())
+    assert memory["planned_allocated"] == json.loads((run_dir / "plan.json").read_text())["torch_allocated"] > 0
+    assert memory["device"] == "cpu" and memory["peak_rss"] > 0
 
 
 def test_adapter_reloads_with_same_logits_in_plain_peft(ci_run):

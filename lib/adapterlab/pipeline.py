@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import Config, load_run_config, open_run, project_root, runs_root
+from .config import Config, check_hardware, load_run_config, open_run, project_root, resolve_config, runs_root
 
 # %% auto #0
 __all__ = ['STAGES', 'DRY_RUN_STAGES', 'StageFailed', 'stage_notebook', 'read_status', 'environment_lock', 'write_provenance',
@@ -129,7 +129,9 @@ def run_pipeline(experiment: str = "json_contacts", hw: str = "cpu", overrides: 
     if resume:
         run_dir = find_run(resume)
         cfg = load_run_config(run_dir)
+        check_hardware(cfg)
     else:
+        check_hardware(*resolve_config(experiment, hw, overrides))   # a GPU profile without a GPU: stop before any stage
         cfg, run_dir = open_run(experiment, hw, overrides)
         write_provenance(cfg, run_dir)
     status = read_status(run_dir)
@@ -246,7 +248,7 @@ def compat_markdown(compat: dict | None) -> str | None:
 
 def report_markdown(run_dir: str | Path) -> str:
     "The run report as Markdown (links are relative to the run folder)."
-    from adapterlab.train import verification_table
+    from adapterlab.train import memory_table, verification_table
     run_dir = Path(run_dir)
     status, cfg = read_status(run_dir), load_run_config(run_dir)
     stages = "\n".join(f"| {n} | {r.get('status')} | {r.get('seconds', '')} | "
@@ -270,6 +272,8 @@ def report_markdown(run_dir: str | Path) -> str:
         m = summary["metrics"]
         train_md = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {_fmt(v)} |" for k, v in m.items())
         train_md += "\n\n![loss](loss.png)\n\n### Verification\n\n" + verification_table(summary)
+        if summary.get("memory"):
+            train_md += "\n\n### Memory: planned vs measured\n\n" + memory_table(summary["memory"])
         train_md += f"\n\nArtifact: [{Path(summary['artifact']).name}/]({Path(summary['artifact']).name}/README.md)"
     elif dry:
         train_md = "Dry run, nothing trained:\n\n| item | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in dry.items())

@@ -15,7 +15,7 @@ from pathlib import Path
 from .artifact import (base_checksums, check_only_adapter_trainable, compare_checksums, digest_of,
                                  BaseModifiedError, verify_artifact, write_artifact)
 from .compat import build_sft_trainer
-from .config import Config, check_hardware
+from .config import Config, ConfigError, check_hardware
 from .data import PreparedData, load_prepared, prepare_data, weighted_sampler
 from .models import load_base_model
 
@@ -23,7 +23,8 @@ from .models import load_base_model
 __all__ = ['seed_everything', 'lora_config', 'attach_lora', 'sft_settings', 'weighted_trainer_class', 'plain_lm_head',
            'completion_loss', 'completion_logits_trainer_class', 'trainer_class', 'metrics_callback', 'read_metrics',
            'summarize_training', 'plot_loss', 'latest_checkpoint', 'rewind_metrics', 'TrainResult', 'train_stage',
-           'run_training', 'dry_run_training', 'verification_table', 'reload_logits_gap', 'add_cli']
+           'run_training', 'plan_training', 'record_memory', 'memory_table', 'dry_run_training', 'verification_table',
+           'reload_logits_gap', 'add_cli']
 
 # %% ../../nbs/05_train.ipynb #efe40bbe
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -244,10 +245,13 @@ def train_stage(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
     "Train a LoRA adapter as `cfg` says into `run_dir`; returns the summary (artifact path, metrics, verification)."
     return run_training(cfg, run_dir, resume).summary
 
-def run_training(cfg: Config, run_dir: str | Path, resume: bool = False) -> TrainResult:
-    "`train_stage`, also handing back the trained in-memory model."
+def run_training(cfg: Config, run_dir: str | Path, resume: bool = False, plan=False) -> TrainResult:
+    """`train_stage`, also handing back the trained in-memory model. `plan`: the memory plan already made by
+    `plan_training` (with the config it fitted), or False to make it here."""
     run_dir = Path(run_dir)
     check_hardware(cfg)
+    if plan is False:
+        cfg, plan = plan_training(cfg, run_dir)
     seed_everything(cfg.seed, cfg.train.deterministic)
     model, tokenizer, source = load_base_model(cfg)
     data = load_prepared(run_dir) if (run_dir / "data" / "train.jsonl").exists() else prepare_data(cfg, run_dir, tokenizer)
@@ -288,15 +292,59 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False) -> Trai
     verification["artifact"] = str(artifact)
     verification["artifact_problems"] = verify_artifact(artifact, source.location if source.local else None)
     _save_json(run_dir / "verification.json", verification)
-    summary = {"run_dir": str(run_dir), "artifact": str(artifact), "metrics": metrics, "verification": verification}
+    memory = record_memory(plan, cfg, run_dir)
+    summary = {"run_dir": str(run_dir), "artifact": str(artifact), "metrics": metrics, "verification": verification,
+               "memory": memory}
     _save_json(run_dir / "train_summary.json", summary)
     return TrainResult(summary, model, tokenizer)
+
+# %% ../../nbs/05_train.ipynb #9a11e002
+def plan_training(cfg: Config, run_dir: Path) -> tuple[Config, object]:
+    "`(cfg fitted to the budget, MemoryPlan or None)`; prints the plan and writes `plan.md` and `plan.json`."
+    from adapterlab.plan import plan_for
+    run_dir = Path(run_dir)
+    try:
+        fitted, plan = plan_for(cfg, fit=True)   # raises PlanError, with the breakdown, when nothing fits
+    except ConfigError as e:
+        note = f"No memory plan: the planner cannot read this base model's config offline ({e})."
+        print(note)
+        (run_dir / "plan.md").write_text(note + "\n", encoding="utf-8")
+        return cfg, None
+    print(plan.table())
+    (run_dir / "plan.md").write_text("Memory plan, made before the model was loaded (`adapterlab plan`):\n\n"
+                                     f"```\n{plan.table()}\n```\n", encoding="utf-8")
+    _save_json(run_dir / "plan.json", plan.to_dict())
+    return fitted, plan
+
+def record_memory(plan, cfg: Config, run_dir: Path) -> dict:
+    "Planned vs measured peak memory of this process, written to `memory.json`."
+    from adapterlab.plan import measured_peak, plan_vs_measured
+    measured = measured_peak(cfg.hw.device)
+    record = plan_vs_measured(plan, measured) if plan else {"planned_allocated": None, **measured}
+    _save_json(Path(run_dir) / "memory.json", record)
+    return record
+
+def memory_table(memory: dict) -> str:
+    "Markdown: planned vs measured peak memory (GiB)."
+    g = lambda b: f"{b / 2**30:.3f}" if isinstance(b, (int, float)) else "n/a"
+    rows = [("planned peak allocated (torch)", g(memory.get("planned_allocated"))),
+            ("planned total (with allocator slack and CUDA context)", g(memory.get("planned_total")))]
+    if "max_allocated" in memory:
+        rows += [("measured `torch.cuda.max_memory_allocated`", g(memory["max_allocated"])),
+                 ("measured `torch.cuda.max_memory_reserved`", g(memory["max_reserved"])),
+                 ("plan error (planned / measured allocated − 1)",
+                  f"{memory['error']:+.1%}" if memory.get("error") is not None else "n/a")]
+    else:
+        rows.append(("measured peak RSS of the process (Python and libraries included: not scored)",
+                     g(memory.get("peak_rss"))))
+    return "\n".join([f"| memory on {memory.get('device', '?')} | GiB |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
 # %% ../../nbs/05_train.ipynb #74ffad10
 def dry_run_training(cfg: Config, run_dir: str | Path) -> dict:
     "Validate the whole training setup without training; writes and returns `dry_run.json`."
     run_dir = Path(run_dir)
     check_hardware(cfg)
+    cfg, plan = plan_training(cfg, run_dir)
     seed_everything(cfg.seed, cfg.train.deterministic)
     model, tokenizer, source = load_base_model(cfg)
     data = load_prepared(run_dir) if (run_dir / "data" / "train.jsonl").exists() else prepare_data(cfg, run_dir, tokenizer)
@@ -307,7 +355,8 @@ def dry_run_training(cfg: Config, run_dir: str | Path) -> dict:
     steps = trainer.args.max_steps if trainer.args.max_steps > 0 else len(trainer.get_train_dataloader()) * trainer.args.num_train_epochs // max(cfg.hw.grad_accum, 1)
     report = {"dry_run": True, "base_model": source.spec, "train_examples": len(data.train),
               "val_examples": len(data.val) if data.val is not None else 0, "planned_steps": int(steps),
-              "trainer": type(trainer).__name__, **{k: trainable[k] for k in ("trainable", "total", "percent")}}
+              "trainer": type(trainer).__name__, **{k: trainable[k] for k in ("trainable", "total", "percent")},
+              "memory_plan_gib": round(plan.total / 2**30, 3) if plan else None, "memory_plan_fits": plan.fits if plan else None}
     _save_json(run_dir / "dry_run.json", report)
     return report
 
