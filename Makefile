@@ -53,8 +53,10 @@ pytest: install
 nbtest: install
 	$(BIN)/nbdev-test --skip-file-re "^[^0-9]" --n-workers 1 --timing
 
+# The whole pipeline once on the `ci` experiment, and the DPO stage after it in the same run folder (its notebook
+# then has outputs on the docs site, like every stage).
 pipeline-ci: install
-	$(BIN)/adapterlab run --hw cpu -f ci
+	$(BIN)/adapterlab run --hw cpu -f ci --also preference
 
 # The docs site (mkdocs) into _docs/: index.ipynb, every module's API, each stage with the newest finished run's
 # outputs (after pipeline-ci in `make test`, that is the CI run). Fails on a broken build or link.

@@ -18,13 +18,15 @@ from pathlib import Path
 from .config import Config, check_hardware, load_run_config, open_run, project_root, resolve_config, runs_root
 
 # %% auto #0
-__all__ = ['STAGES', 'DRY_RUN_STAGES', 'StageFailed', 'stage_notebook', 'read_status', 'environment_lock', 'write_provenance',
-           'ipc_kernel_manager', 'run_stage', 'find_run', 'run_pipeline', 'data_markdown', 'compat_markdown',
-           'report_markdown', 'write_report', 'list_runs', 'format_runs', 'add_cli']
+__all__ = ['STAGES', 'DRY_RUN_STAGES', 'OPTIONAL_STAGES', 'StageFailed', 'stage_notebook', 'read_status', 'environment_lock',
+           'write_provenance', 'ipc_kernel_manager', 'run_stage', 'find_run', 'run_pipeline', 'data_markdown',
+           'compat_markdown', 'preference_markdown', 'report_markdown', 'write_report', 'list_runs', 'format_runs',
+           'add_cli']
 
 # %% ../../nbs/11_pipeline.ipynb #b5c94c85
 STAGES = ("data", "compat", "train", "regressions", "eval")
 DRY_RUN_STAGES = ("data", "compat", "train")
+OPTIONAL_STAGES = ("preference",)   # run on request (`--also preference`), after the pipeline's own
 
 class StageFailed(RuntimeError):
     "A stage notebook raised; says which stage, which cell, and what."
@@ -138,6 +140,9 @@ def run_pipeline(experiment: str = "json_contacts", hw: str = "cpu", overrides: 
     status.update(status="running", experiment=cfg.experiment, hw=cfg.hw.name, dry_run=dry_run,
                   started_utc=status.get("started_utc") or _now())
     _write_status(run_dir, status)
+    if resume:   # the optional stages the run was started with are part of it
+        stages = tuple(stages) + tuple(s for s in status.get("also", []) if s not in stages)
+    status["also"] = [s for s in stages if s in OPTIONAL_STAGES]
     todo = [s for s in stages if not dry_run or s in DRY_RUN_STAGES]
     echo(f"run {run_dir.name}: {' → '.join(todo)}{' (dry run)' if dry_run else ''}")
     for i, name in enumerate(todo, 1):
@@ -164,7 +169,7 @@ def run_pipeline(experiment: str = "json_contacts", hw: str = "cpu", overrides: 
                                       notebook=str(notebook.relative_to(run_dir)))
         _write_status(run_dir, status)
         echo(f"[{i}/{len(todo)}] {name:<12} done in {time.time() - start:.0f}s")
-    finished = "dry-run ok" if dry_run else "done" if todo[-1] == STAGES[-1] else f"stopped after {todo[-1]}"
+    finished = "dry-run ok" if dry_run else "done" if STAGES[-1] in todo else f"stopped after {todo[-1]}"
     status.update(status=finished, finished_utc=_now())
     _write_status(run_dir, status)
     report = write_report(run_dir)
@@ -246,6 +251,19 @@ def compat_markdown(compat: dict | None) -> str | None:
     lines.append("The full decision record, with the evidence and every TRL release: [compat/ADR.md](compat/ADR.md).")
     return "\n".join(lines)
 
+def preference_markdown(summary: dict, run_dir: Path) -> str:
+    "The preference stage's metrics, verification and base / SFT / DPO comparison, for the report."
+    # write_artifact versions artifacts side by side in the run folder: the DPO one is `artifact-vN` beside the SFT one
+    from adapterlab.train import verification_table
+    lines = [_table(["metric", "value"], [[k, v] for k, v in summary["metrics"].items() if not isinstance(v, (dict, list))]),
+             "", "![DPO loss and reward margin](preference/loss.png)", "", "### Verification", "",
+             verification_table(summary),
+             "", f"DPO artifact: [{Path(summary['artifact']).name}/]({Path(summary['artifact']).name}/README.md)"]
+    comparison = _read(run_dir / "preference" / "eval" / "report.md")
+    if comparison:
+        lines += ["", "### What DPO changed on the eval set", "", comparison.strip()]
+    return "\n".join(lines)
+
 def report_markdown(run_dir: str | Path) -> str:
     "The run report as Markdown (links are relative to the run folder)."
     from adapterlab.train import memory_table, verification_table
@@ -286,6 +304,10 @@ def report_markdown(run_dir: str | Path) -> str:
     eval_md = _read(run_dir / "eval" / "report.md")
     parts.append(_section("Evaluation: base vs adapter", _demote_headings(eval_md).replace("](", "](eval/") if eval_md else None,
                           "the eval stage did not run"))
+    preference = _json(run_dir / "preference" / "summary.json")
+    if preference or "preference" in status.get("stages", {}):
+        parts.append(_section("Preference tuning (DPO)", preference_markdown(preference, run_dir) if preference else None,
+                              "the preference stage did not finish"))
     return "\n".join(parts)
 
 def write_report(run_dir: str | Path) -> Path:
@@ -335,7 +357,7 @@ def format_runs(rows: list[dict]) -> str:
 
 # %% ../../nbs/11_pipeline.ipynb #478345a1
 def _cmd_run(args) -> int:
-    stages = STAGES[:STAGES.index(args.until) + 1]
+    stages = STAGES[:STAGES.index(args.until) + 1] + tuple(s for s in OPTIONAL_STAGES if s in args.also)
     run_dir = run_pipeline(args.experiment, args.hw, args.set, dry_run=args.dry_run, resume=args.resume, stages=stages)
     print(f"run folder: {run_dir}")
     return 0
@@ -353,6 +375,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--resume", metavar="RUN_ID", help="continue a failed or killed run")
     p.add_argument("--until", choices=STAGES, default=STAGES[-1], metavar="STAGE",
                    help=f"stop after this stage (one of {', '.join(STAGES)}); a later --resume goes on from there")
+    p.add_argument("--also", action="append", default=[], choices=OPTIONAL_STAGES, metavar="STAGE",
+                   help=f"after the pipeline, also run this stage in the same run folder ({', '.join(OPTIONAL_STAGES)})")
     p.set_defaults(func=_cmd_run)
     p = subparsers.add_parser("runs", help="list runs with their status and key metrics")
     p.set_defaults(func=_cmd_runs)
