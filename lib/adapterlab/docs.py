@@ -35,8 +35,8 @@ __all__ = ['DocsBuildError', 'page_name', 'module_notebooks', 'stage_notebooks',
            'run_stage_notebooks', 'cell_options', 'options_to_tags', 'keep_title', 'api_cell', 'exec_api_docs',
            'DocsFilter', 'site_url', 'relink', 'pandoc_links', 'relink_nb', 'note_cell', 'process_notebook',
            'process_cached', 'index_markdown', 'readme_text', 'check_readme', 'write_readme', 'run_images',
-           'stage_pages', 'module_pages', 'mkdocs_config', 'write_mkdocs_yml', 'page_refs', 'broken_links',
-           'mkdocs_build', 'build_docs', 'add_cli']
+           'coalesce_streams', 'stage_pages', 'module_pages', 'mkdocs_config', 'write_mkdocs_yml', 'page_refs',
+           'broken_links', 'mkdocs_build', 'build_docs', 'add_cli']
 
 # %% ../../nbs/15_docs.ipynb #cb04034d
 class DocsBuildError(RuntimeError):
@@ -277,6 +277,28 @@ def run_images(nb, run_dir: Path, stage: str, dest: Path) -> None:
                 md = data["text/markdown"]
                 data["text/markdown"] = _re_md_img.sub(fix, "".join(md) if isinstance(md, list) else md)
 
+_re_overwritten = re.compile(r".*\r(?=[^\n])")   # nbconvert's CoalesceStreamsPreprocessor rule
+
+def coalesce_streams(nb) -> None:
+    """Merge consecutive outputs of one stream and keep what a terminal would show after each `\\r`: a progress
+    bar's many updates (one output each) become its last state, on one line, not a page of red stderr."""
+    for cell in nb.cells:
+        merged = []
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream" and merged and merged[-1].get("output_type") == "stream" \
+                    and merged[-1]["name"] == out["name"]:
+                merged[-1]["text"] = _text(merged[-1]["text"]) + _text(out["text"])
+            else:
+                merged.append(out)
+        for out in merged:
+            if out.get("output_type") == "stream":
+                out["text"] = _re_overwritten.sub("", _text(out["text"]))
+        if "outputs" in cell:
+            cell["outputs"] = merged
+
+def _text(t) -> str:
+    return "".join(t) if isinstance(t, list) else t
+
 def stage_pages(nbs: Path, pages: Path, run_dir: Path | None) -> list[dict]:
     "Write one page per stage into `pages/stages`: the run's executed notebook, else the source with a visible note."
     executed, nav = run_stage_notebooks(run_dir), []
@@ -286,7 +308,7 @@ def stage_pages(nbs: Path, pages: Path, run_dir: Path | None) -> list[dict]:
             note = note_cell(f"Outputs of run {run_dir.name}",
                              f"This page is the stage notebook as the pipeline executed it in <code>{html.escape(str(run_dir.name))}</code>.", "info")
             page = process_notebook(executed[name], pages / "stages" / f"{name}.ipynb", 1, note)
-            nb = read_nb(page); run_images(nb, run_dir, name, page.parent); write_nb(nb, page)
+            nb = read_nb(page); run_images(nb, run_dir, name, page.parent); coalesce_streams(nb); write_nb(nb, page)
         else:
             why = f"run <code>{html.escape(run_dir.name)}</code> has no {name} stage" if run_dir else "there is no finished run"
             note = note_cell("Not executed", f"This page shows the stage's source without outputs: {why}. "

@@ -33,9 +33,9 @@ __all__ = ['CONTEXT_FIELD', 'SOURCES_FIELD', 'SOURCES_ALIASES', 'METRICS', 'RECO
            'context_text', 'support_ratio', 'groundedness_stats', 'expand_metrics', 'metric_stats', 'aggregate',
            'score', 'per_example', 'metric_features', 'evaluate_module_class', 'metric_module_path',
            'load_metric_module', 'chat_prompt', 'completion_text', 'reference_nll', 'generation_kwargs',
-           'generate_predictions', 'paired_bootstrap', 'compare', 'report_markdown', 'plot_metrics', 'eval_config',
-           'resolve_eval_run', 'find_artifact', 'latest_run_dir', 'check_metric_inputs', 'load_predictions',
-           'evaluate_run', 'add_cli']
+           'generate_predictions', 'paired_bootstrap', 'compare', 'table_cell', 'report_markdown', 'plot_metrics',
+           'eval_config', 'resolve_eval_run', 'find_artifact', 'latest_run_dir', 'check_metric_inputs',
+           'load_predictions', 'evaluate_run', 'add_cli']
 
 # %% ../../nbs/09_eval.ipynb #be1d3cf0
 CONTEXT_FIELD = "context"
@@ -569,7 +569,8 @@ def compare(base_records: list[dict], adapter_records: list[dict], metrics: Sequ
 def _fmt(x: float) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
 
-def _cell(text: str, limit: int = 400) -> str:
+def table_cell(text: str, limit: int = 400) -> str:
+    "`text` as one Markdown table cell: code-quoted, newlines shown as ⏎, pipes escaped, long text cut."
     text = text if len(text) <= limit else text[:limit] + "…"
     return "`" + text.replace("|", "\\|").replace("\n", " ⏎ ").replace("`", "'") + "`" if text else "*(empty)*"
 
@@ -595,9 +596,9 @@ def report_markdown(report: dict) -> str:
     if report["examples"]:
         lines += ["## Examples", "", f"The first {len(report['examples'])} eval examples, not selected.", ""]
         for ex in report["examples"]:
-            lines += [f"### {ex['source']}", "", f"**prompt:** {_cell(ex['prompt'])}", "", "| | answer |", "|---|---|",
-                      f"| reference | {_cell(ex['reference'])} |", f"| base | {_cell(ex['base'])} |",
-                      f"| adapter | {_cell(ex['adapter'])} |", ""]
+            lines += [f"### {ex['source']}", "", f"**prompt:** {table_cell(ex['prompt'])}", "", "| | answer |", "|---|---|",
+                      f"| reference | {table_cell(ex['reference'])} |", f"| base | {table_cell(ex['base'])} |",
+                      f"| adapter | {table_cell(ex['adapter'])} |", ""]
     return "\n".join(lines)
 
 def plot_metrics(report: dict, path: str | Path) -> Path:

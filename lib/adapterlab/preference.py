@@ -30,7 +30,8 @@ __all__ = ['PAIR_FIELDS', 'REF_ADAPTER', 'PreferencePair', 'parse_pair', 'read_p
            'PreparedPairs', 'preference_dir', 'prepare_pairs', 'load_prepared_pairs', 'pairs_dataset',
            'pair_batch_size', 'dpo_settings', 'with_artifact_lora', 'artifact_reference', 'find_sft_artifact',
            'distributed_state', 'read_history', 'preference_metrics', 'plot_preference', 'run_preference',
-           'preference_stage', 'compare_on_eval', 'comparison_markdown', 'evaluate_preference', 'add_cli']
+           'preference_stage', 'compare_on_eval', 'comparison_markdown', 'evaluate_preference', 'examples_markdown',
+           'add_cli']
 
 # %% ../../nbs/13_preference.ipynb #aea3465c
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -427,6 +428,16 @@ def evaluate_preference(cfg: Config, run_dir: str | Path, dpo_artifact: str | Pa
         **{key: {m: {k: v[k] for k in ("base", "adapter", "delta", "ci95", "significant")} for m, v in comp.items()}
            for key, comp in report["comparisons"].items()}}})
     return report
+
+def examples_markdown(report: dict) -> str:
+    "The report's first eval examples side by side: the user's text, the reference and each model's answer."
+    from adapterlab.eval import table_cell
+    lines = []
+    for n, ex in enumerate(report["examples"], 1):
+        lines += [f"**Example {n}:** {table_cell(ex['prompt'])}", "", "| | answer |", "|---|---|",
+                  *(f"| {k} | {table_cell(str(v))} |" for k, v in ex.items() if k != "prompt"), ""]
+    return "\n".join(lines)
+
 
 # %% ../../nbs/13_preference.ipynb #709cdf61
 def _cfg_args(p) -> None:
