@@ -288,7 +288,7 @@ def report_markdown(run_dir: str | Path) -> str:
     train_md = None
     if summary:
         m = summary["metrics"]
-        train_md = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {_fmt(v)} |" for k, v in m.items())
+        train_md = _table(["metric", "value"], [[k, v] for k, v in m.items()])
         train_md += "\n\n![loss](loss.png)\n\n### Verification\n\n" + verification_table(summary)
         if summary.get("memory"):
             train_md += "\n\n### Memory: planned vs measured\n\n" + memory_table(summary["memory"])

@@ -18,6 +18,7 @@ from .compat import build_sft_trainer
 from .config import Config, ConfigError, check_hardware
 from .data import PreparedData, load_prepared, prepare_data, weighted_sampler
 from .models import load_base_model
+from .plan import gib
 
 # %% auto #0
 __all__ = ['seed_everything', 'lora_config', 'attach_lora', 'sft_settings', 'weighted_trainer_class', 'plain_lm_head',
@@ -326,7 +327,7 @@ def record_memory(plan, cfg: Config, run_dir: Path) -> dict:
 
 def memory_table(memory: dict) -> str:
     "Markdown: planned vs measured peak memory (GiB)."
-    g = lambda b: f"{b / 2**30:.3f}" if isinstance(b, (int, float)) else "n/a"
+    g = lambda b: f"{gib(b):.3f}" if isinstance(b, (int, float)) else "n/a"
     rows = [("planned peak allocated (torch)", g(memory.get("planned_allocated"))),
             ("planned total (with allocator slack and CUDA context)", g(memory.get("planned_total")))]
     if "max_allocated" in memory:
@@ -356,7 +357,7 @@ def dry_run_training(cfg: Config, run_dir: str | Path) -> dict:
     report = {"dry_run": True, "base_model": source.spec, "train_examples": len(data.train),
               "val_examples": len(data.val) if data.val is not None else 0, "planned_steps": int(steps),
               "trainer": type(trainer).__name__, **{k: trainable[k] for k in ("trainable", "total", "percent")},
-              "memory_plan_gib": round(plan.total / 2**30, 3) if plan else None, "memory_plan_fits": plan.fits if plan else None}
+              "memory_plan_gib": round(gib(plan.total), 3) if plan else None, "memory_plan_fits": plan.fits if plan else None}
     _save_json(run_dir / "dry_run.json", report)
     return report
 
