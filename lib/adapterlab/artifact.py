@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import yaml
 
 import adapterlab
-from .config import Config, config_to_dict, project_root
+from .config import AdapterlabError, Config, config_to_dict, project_root
 from .models import ModelSource, model_weight_files, sha256_file
 
 # %% auto #0
@@ -88,7 +88,7 @@ def digest_of(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 # %% ../../nbs/06_artifact.ipynb #3c623409
-class BaseModifiedError(RuntimeError):
+class BaseModifiedError(AdapterlabError, RuntimeError):
     "Training touched (or could touch) base-model weights."
 
 def trainable_report(model) -> dict:
@@ -247,7 +247,7 @@ data hashes, git commit, package versions). Check both with `adapterlab verify P
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "metadata.json", "training_config.yaml",
                   "training_metrics.json", "README.md", "checksums.json")
 
-class ArtifactError(RuntimeError):
+class ArtifactError(AdapterlabError, RuntimeError):
     "An artifact that is incomplete, tampered with, or inconsistent."
 
 def _write_checksums(folder: Path) -> dict:

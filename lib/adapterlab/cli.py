@@ -31,25 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
             module.add_cli(sub)
     return parser
 
-def _user_errors() -> tuple:
-    from adapterlab.artifact import ArtifactError, BaseModifiedError
-    from adapterlab.compat import CompatError
-    from adapterlab.config import ConfigError, HardwareError
-    from adapterlab.models import ModelNotFound
-    errors = [ArtifactError, BaseModifiedError, CompatError, ConfigError, HardwareError, ModelNotFound]
-    for mod, name in (("adapterlab.data", "DataError"), ("adapterlab.pipeline", "StageFailed"),
-                      ("adapterlab.eval", "EvalDataError"), ("adapterlab.heads", "HeadsConfigError"),
-                      ("adapterlab.plan", "PlanError")):
-        try: errors.append(getattr(importlib.import_module(mod), name))
-        except (ImportError, AttributeError): pass
-    return tuple(errors)
-
 def main(argv: list[str] | None = None) -> int:
-    "Entry point of the `adapterlab` console script."
+    "Entry point of the `adapterlab` console script: every `AdapterlabError` becomes one line and exit 2."
+    from adapterlab.config import AdapterlabError
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except _user_errors() as e:
+    except AdapterlabError as e:
         print(f"adapterlab {args.command}: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `adapterlab ... | head` closed the pipe: not an error of ours

@@ -29,6 +29,8 @@ from typing import Any, Callable
 
 from packaging.version import Version
 
+from .config import AdapterlabError
+
 # %% auto #0
 __all__ = ['SFT_SETTINGS', 'DPO_SETTINGS', 'TRAINERS', 'TRAINING_ARGS_RENAMES', 'MATRIX_FORMAT', 'SNAPSHOTS', 'SFT_EXTRA_CLASSES',
            'PROBED_DISTRIBUTIONS', 'SEED_STORY', 'CompatError', 'Setting', 'TrainerSpec', 'Renamed', 'SourceTree',
@@ -43,7 +45,7 @@ __all__ = ['SFT_SETTINGS', 'DPO_SETTINGS', 'TRAINERS', 'TRAINING_ARGS_RENAMES', 
            'probe_other_apis', 'compat_report', 'render_adr', 'compat_stage', 'add_cli']
 
 # %% ../../nbs/01_compat.ipynb #553049cb
-class CompatError(TypeError):
+class CompatError(AdapterlabError, TypeError):
     "A setting the installed libraries cannot take, with what to use instead."
 
 @dataclass(frozen=True)
@@ -401,7 +403,7 @@ def surface_matrix(s: ApiSurface, settings: dict[str, Setting]) -> dict:
     return {k: locate(v, s) for k, v in settings.items()}
 
 # %% ../../nbs/01_compat.ipynb #effa522f
-class RegistryError(RuntimeError):
+class RegistryError(AdapterlabError, RuntimeError):
     "The package registry could not be reached or did not answer as expected."
 
 def wheel_cache() -> Path:

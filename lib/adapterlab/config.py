@@ -22,10 +22,11 @@ import yaml
 
 # %% auto #0
 __all__ = ['SECTIONS', 'project_root', 'params_dir', 'spec', 'ModelConfig', 'LoraConfig', 'DataConfig', 'TrainConfig', 'HwConfig',
-           'EvalConfig', 'QueueConfig', 'PreferenceConfig', 'OutputConfig', 'Config', 'ConfigError', 'Layer',
-           'load_layer', 'overrides_layer', 'merge_layers', 'build_dataclass', 'find_params_file', 'resolve_config',
-           'HardwareError', 'check_hardware', 'config_to_dict', 'config_from_dict', 'runs_root', 'new_run_id',
-           'make_run_dir', 'save_config', 'load_run_config', 'quiet_stage_output', 'injected_sections', 'open_run']
+           'EvalConfig', 'QueueConfig', 'PreferenceConfig', 'OutputConfig', 'Config', 'AdapterlabError', 'ConfigError',
+           'Layer', 'load_layer', 'overrides_layer', 'merge_layers', 'build_dataclass', 'find_params_file',
+           'resolve_config', 'HardwareError', 'check_hardware', 'config_to_dict', 'config_from_dict', 'runs_root',
+           'new_run_id', 'make_run_dir', 'save_config', 'load_run_config', 'quiet_stage_output', 'injected_sections',
+           'open_run']
 
 # %% ../../nbs/00_config.ipynb #a79fcff1
 def project_root() -> Path:
@@ -165,7 +166,10 @@ class Config:
     output: OutputConfig = spec("outputs")
 
 # %% ../../nbs/00_config.ipynb #53cfc6c3
-class ConfigError(ValueError):
+class AdapterlabError(Exception):
+    "Base of every error adapterlab reports to a user as one line (the CLI catches it and exits 2)."
+
+class ConfigError(AdapterlabError, ValueError):
     "A parameter problem, reported as `file:line: key: problem`."
 
 @dataclass
@@ -382,7 +386,7 @@ def _check_experiment_name(cfg: Config, layer: Layer, origin: dict):
                           f"'{stem}'; make them equal so a run's name always finds its parameters")
 
 # %% ../../nbs/00_config.ipynb #8ca3dd2e
-class HardwareError(RuntimeError):
+class HardwareError(AdapterlabError, RuntimeError):
     "The chosen hardware profile cannot run on this machine."
 
 def check_hardware(cfg: Config, origin: dict | None = None) -> None:

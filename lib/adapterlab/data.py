@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from urllib.parse import parse_qs
 
 import adapterlab
-from .config import Config, project_root
+from .config import AdapterlabError, Config, project_root
 
 # %% auto #0
 __all__ = ['SAMPLE_PREFIX', 'CHROMA_PREFIX', 'BAD_KINDS', 'ROLES', 'FORMAT_MARKERS', 'FORMATS', 'MIN_EXPECTED_COUNT',
@@ -99,7 +99,7 @@ class RecordProblem(ValueError):
         super().__init__(f"{field}: {problem}")
         self.field, self.problem = field, problem
 
-class DataError(ValueError):
+class DataError(AdapterlabError, ValueError):
     "Bad input data: the message lists the `FILE:LINE: field: problem` lines."
     def __init__(self, message: str, rejects: list[Reject] | None = None):
         super().__init__(message)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 from html.parser import HTMLParser
+from .config import AdapterlabError
 from fastcore.nbio import mk_cell, nb_frontmatter, read_nb, write_nb
 from nbdev.config import get_config
 from nbdev.processors import FilterDefaults, _do_eval, _show_docs, add_fold, exec_show_docs
@@ -39,7 +40,7 @@ __all__ = ['DocsBuildError', 'page_name', 'module_notebooks', 'stage_notebooks',
            'broken_links', 'mkdocs_build', 'build_docs', 'add_cli']
 
 # %% ../../nbs/15_docs.ipynb #cb04034d
-class DocsBuildError(RuntimeError):
+class DocsBuildError(AdapterlabError, RuntimeError):
     "The docs site could not be built; the message says which notebook or page, and why."
 
 _re_module = re.compile(r"^\d+_")

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .config import (Config, ConfigError, Layer, build_dataclass, config_to_dict, load_run_config,
+from .config import (AdapterlabError, Config, ConfigError, Layer, build_dataclass, config_to_dict, load_run_config,
                                merge_layers, overrides_layer, runs_root)
 from .data import Example, load_examples, resolve_data_path
 
@@ -49,7 +49,7 @@ def record_sources(meta: dict) -> list[str] | None:
             return [str(s) for s in meta[key]]
     return None
 
-class EvalDataError(ValueError):
+class EvalDataError(AdapterlabError, ValueError):
     "An eval record or prediction that cannot be scored, reported as `file:line: field: problem`."
 
 def split_reference(ex: Example) -> tuple[list[dict], str]:

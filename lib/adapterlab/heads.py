@@ -24,7 +24,7 @@ import yaml
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .config import (Config, ConfigError, build_dataclass, find_params_file, load_layer, make_run_dir,
+from .config import (AdapterlabError, Config, ConfigError, build_dataclass, find_params_file, load_layer, make_run_dir,
                                merge_layers, overrides_layer, params_dir, save_config, spec)
 
 # %% auto #0
@@ -261,7 +261,7 @@ def attach_heads_lora(model: EncoderWithHeads, peft_config, seed: int | None = N
     return get_peft_model(model, peft_config)
 
 # %% ../../nbs/07_heads.ipynb #8f559bb1
-class HeadsDataError(ValueError):
+class HeadsDataError(AdapterlabError, ValueError):
     "Records that do not fit the heads, one line per problem as `file:line: field: problem`."
 
 class LabelShapeError(HeadsDataError):

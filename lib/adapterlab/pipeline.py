@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import Config, check_hardware, load_run_config, open_run, project_root, resolve_config, runs_root
+from .config import AdapterlabError, Config, check_hardware, load_run_config, open_run, project_root, resolve_config, runs_root
 
 # %% auto #0
 __all__ = ['STAGES', 'DRY_RUN_STAGES', 'OPTIONAL_STAGES', 'StageFailed', 'stage_notebook', 'read_status', 'environment_lock',
@@ -28,7 +28,7 @@ STAGES = ("data", "compat", "train", "regressions", "eval")
 DRY_RUN_STAGES = ("data", "compat", "train")
 OPTIONAL_STAGES = ("preference",)   # run on request (`--also preference`), after the pipeline's own
 
-class StageFailed(RuntimeError):
+class StageFailed(AdapterlabError, RuntimeError):
     "A stage notebook raised; says which stage, which cell, and what."
 
 def stage_notebook(name: str) -> Path:

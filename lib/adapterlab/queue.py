@@ -21,7 +21,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .config import Config, make_run_dir, project_root, resolve_config, save_config
+from .config import AdapterlabError, Config, make_run_dir, project_root, resolve_config, save_config
 from .data import DataError, RecordProblem, normalise_record, parse_object
 
 # %% auto #0
@@ -32,7 +32,7 @@ __all__ = ['CLASSES', 'WORKER_CODE', 'QueueError', 'queue_path', 'queue_lock', '
 # %% ../../nbs/04_queue.ipynb #ed7edffe
 CLASSES = ("critical", "improvement", "good")
 
-class QueueError(RuntimeError):
+class QueueError(AdapterlabError, RuntimeError):
     "A queue operation that cannot go ahead (busy, below threshold, changed underneath)."
 
 def queue_path(cfg: Config) -> Path:
