@@ -26,6 +26,9 @@ from transformers.utils import ModelOutput
 
 from .config import (AdapterlabError, Config, ConfigError, build_dataclass, find_params_file, load_layer, make_run_dir,
                                merge_layers, overrides_layer, params_dir, save_config, spec)
+from .data import write_jsonl
+from .skeleton import (TrainingSkeleton, checks_table, markdown_table, metrics_callback, plot_loss,
+                                 prepare_training, read_metrics, summarize_training, verification_rows)
 
 # %% auto #0
 __all__ = ['POOLINGS', 'ALIGNMENT_RULES', 'GUARDS', 'HEAD_MODULES', 'HEAD_KINDS', 'BATCH_DTYPES', 'TARGET_FIELDS', 'HeadsConfig',
@@ -448,12 +451,6 @@ class HeadsData:
     files: dict
     stats: dict
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
 def _length_filter(rows, heads: HeadsConfig, cfg: Config, tokenizer) -> tuple[list, dict]:
     lengths = [len(tokenizer(rec[heads.text_field])["input_ids"]) if isinstance(rec.get(heads.text_field), str) else 0
                for _, rec in rows]
@@ -488,10 +485,10 @@ def prepare_heads_data(cfg: Config, heads: HeadsConfig, run_dir: str | Path, tok
     n_val = int(round(len(rows) * cfg.data.val_fraction))
     data_dir = Path(run_dir) / "data"
     files = {"train": data_dir / "train.jsonl"}
-    _write_jsonl(files["train"], [rows[i][1] for i in order[n_val:]])
+    write_jsonl(files["train"], [rows[i][1] for i in order[n_val:]])
     if n_val:
         files["val"] = data_dir / "val.jsonl"
-        _write_jsonl(files["val"], [rows[i][1] for i in order[:n_val]])
+        write_jsonl(files["val"], [rows[i][1] for i in order[:n_val]])
     train, align = encode_records(read_records(files["train"]), heads)
     val = encode_records(read_records(files["val"]), heads)[0] if n_val else []
     evaluation = []
@@ -564,20 +561,15 @@ def _origin(run_dir: Path) -> dict:
 def train_heads(cfg: Config, heads: HeadsConfig, run_dir: str | Path) -> HeadsTrainResult:
     "Train LoRA + heads on the encoder as `cfg`/`heads` say into `run_dir`; artifact verified and reloaded."
     from transformers import Trainer
-    from adapterlab.artifact import (BaseModifiedError, base_checksums, check_only_adapter_trainable,
-                                     compare_checksums, digest_of, verify_artifact, write_artifact)
-    from adapterlab.config import check_hardware
-    from adapterlab.train import metrics_callback, plot_loss, read_metrics, seed_everything, summarize_training
     run_dir = Path(run_dir)
-    check_hardware(cfg)
-    seed_everything(cfg.seed, cfg.train.deterministic)
+    prepare_training(cfg)
+    skeleton = TrainingSkeleton(run_dir, cfg=cfg)
     encoder, tokenizer, source = load_encoder(cfg)
-    data = prepare_heads_data(cfg, heads, run_dir, tokenizer)
+    with skeleton.main_process_first():
+        data = prepare_heads_data(cfg, heads, run_dir, tokenizer)
     where = _origin(run_dir).get("heads.hidden_size", "heads")
     model = attach_heads_lora(build_heads_model(encoder, heads, cfg.seed, where), heads_lora_config(cfg), cfg.seed)
-    trainable = check_only_adapter_trainable(model)
-    before = base_checksums(model)
-    (run_dir / "baseline_checksums.json").write_text(json.dumps(before, indent=2) + "\n")
+    skeleton.start(model)
     collator = HeadsCollator(tokenizer, cfg.hw.max_seq_length, truncation=cfg.data.too_long == "truncate")
     shapes = preflight(model, collator(data.train[:cfg.hw.batch_size]))
 
@@ -591,29 +583,18 @@ def train_heads(cfg: Config, heads: HeadsConfig, run_dir: str | Path) -> HeadsTr
     val_after = evaluate_heads(model, data.val, collator, cfg.hw.batch_size, heads.class_names)
     eval_after = evaluate_heads(model, data.eval, collator, cfg.hw.batch_size, heads.class_names)
 
-    changed = compare_checksums(before, base_checksums(model))
-    verification = {"base_tensors_checked": len(before), "base_tensors_changed": changed,
-                    "base_checksums_sha256": digest_of(before), "preflight_shapes": shapes,
-                    **{k: v for k, v in trainable.items() if k != "non_adapter_trainable"}}
-    if changed:
-        (run_dir / "verification.json").write_text(json.dumps(verification, indent=2) + "\n")
-        raise BaseModifiedError(f"{len(changed)} base tensor(s) changed during training:\n  " + "\n  ".join(changed[:20]))
-    metrics = summarize_training(read_metrics(run_dir), wall)
-    metrics.update({f"val_{k}_before": v for k, v in val_before.items()})
-    metrics.update({f"val_{k}_after": v for k, v in val_after.items()})
-    metrics.update({f"eval_{k}": v for k, v in eval_after.items()})
-    plot_loss(run_dir)
-    extra = {"task": "encoder_heads", "heads": dataclasses.asdict(heads), "data_stats": data.stats,
-             "base_checksums_sha256": verification["base_checksums_sha256"],
-             "trainable_parameters": {k: trainable[k] for k in ("trainable", "total", "percent")}}
-    artifact = write_artifact(run_dir, model, cfg, metrics=metrics, base=source, data_files=data.files, extra=extra)
-    verification["artifact"] = str(artifact)
-    verification["artifact_problems"] = verify_artifact(artifact, source.location)
-    (run_dir / "verification.json").write_text(json.dumps(verification, indent=2) + "\n")
-    summary = {"run_dir": str(run_dir), "artifact": str(artifact), "metrics": metrics, "verification": verification,
-               "data": data.stats}
-    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    def metrics() -> dict:
+        m = summarize_training(read_metrics(run_dir), wall)
+        m.update({f"val_{k}_before": v for k, v in val_before.items()})
+        m.update({f"val_{k}_after": v for k, v in val_after.items()})
+        m.update({f"eval_{k}": v for k, v in eval_after.items()})
+        return m
+    extra = {"task": "encoder_heads", "heads": dataclasses.asdict(heads), "data_stats": data.stats}
+    summary = skeleton.finish(model, cfg, source=source, metrics=metrics, data_files=data.files, extra=extra,
+                              verification={"preflight_shapes": shapes}, summary={"data": data.stats},
+                              plot=lambda: plot_loss(run_dir))
     return HeadsTrainResult(summary, model, tokenizer, collator, data, cfg)
+
 
 # %% ../../nbs/07_heads.ipynb #f65c8d61
 def reload_heads_model(artifact: str | Path, cfg: Config, heads: HeadsConfig):
@@ -656,15 +637,13 @@ def loss_fell(history: list[dict], window: int) -> tuple[bool, float, float]:
 def heads_report(summary: dict) -> str:
     "Markdown table of a heads run's checks and metrics."
     v, m = summary["verification"], summary["metrics"]
-    rows = [("only LoRA and the heads trainable", True, f"{v['trainable']:,} of {v['total']:,} parameters ({v['percent']}%)"),
-            ("base weights unchanged by training", not v["base_tensors_changed"], f"{v['base_tensors_checked']} tensors hashed"),
-            ("preflight: head outputs match targets", True, ", ".join(f"{k} {tuple(s)}" for k, s in v["preflight_shapes"].items())),
-            ("artifact verified", not v["artifact_problems"], "; ".join(v["artifact_problems"]) or "files, checksums, tensors")]
-    lines = ["| check | result | evidence |", "|---|---|---|"]
-    lines += [f"| {c} | {'✅ pass' if ok else '❌ FAIL'} | {e} |" for c, ok, e in rows]
+    rows = verification_rows(v)
+    rows[0] = ("only LoRA and the heads trainable", *rows[0][1:])
+    rows.insert(2, ("preflight: head outputs match targets", True,
+                    ", ".join(f"{k} {tuple(s)}" for k, s in v["preflight_shapes"].items())))
     shown = [k for k in m if k.startswith(("val_", "eval_")) and isinstance(m[k], float)]
-    lines += ["", "| metric | value |", "|---|---|"] + [f"| {k} | {m[k]:.4g} |" for k in shown]
-    return "\n".join(lines)
+    return checks_table(rows) + "\n\n" + markdown_table(["metric", "value"], [(k, m[k]) for k in shown])
+
 
 # %% ../../nbs/07_heads.ipynb #bd9b492a
 def _cmd_heads_train(args) -> int:
