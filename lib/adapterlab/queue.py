@@ -249,19 +249,17 @@ def training_status(run_dir: str | Path) -> dict:
     return json.loads((Path(run_dir) / "queue_train.json").read_text())
 
 def train_worker(run_dir: str | Path, queue: str | Path) -> int:
-    "The background process: data stage, train stage, verify, archive. Exit 0 only when archived."
+    """The background process: the pipeline's own stages up to training (data → compat → train, the notebooks
+    `adapterlab run` executes) in the queue's run folder, then verify and archive. Exit 0 only when archived."""
     from adapterlab.artifact import verify_artifact
-    from adapterlab.config import load_run_config
-    from adapterlab.data import prepare_data
-    from adapterlab.train import train_stage
+    from adapterlab.pipeline import STAGES, run_pipeline
     run_dir, queue = Path(run_dir), Path(queue)
     _write_status(run_dir, "running", pid=os.getpid())
     try:
-        cfg = load_run_config(run_dir)
-        print(f"[queue] data stage on {run_dir / 'queue_snapshot.jsonl'}", flush=True)
-        prepare_data(cfg, run_dir)
-        print("[queue] train stage", flush=True)
-        summary = train_stage(cfg, run_dir)
+        stages = STAGES[:STAGES.index("train") + 1]
+        print(f"[queue] {' → '.join(stages)} on {run_dir / 'queue_snapshot.jsonl'}, as `adapterlab run`", flush=True)
+        run_pipeline(resume=run_dir, stages=stages, echo=lambda line: print(f"[queue] {line}", flush=True))
+        summary = json.loads((run_dir / "train_summary.json").read_text())
         artifact = Path(summary["artifact"])
         problems = list(summary.get("verification", {}).get("artifact_problems", [])) + verify_artifact(artifact)
         if problems:
