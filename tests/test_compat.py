@@ -20,10 +20,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 from packaging.version import Version
 
-from adapterlab.compat import (SFT_SETTINGS, TRAINERS, CompatError, add_cli, build_dpo_trainer, build_sft_trainer,
+from adapterlab.compat import (SFT_SETTINGS, TRAINERS, CompatError, build_dpo_trainer, build_sft_trainer,
                                check_lora_settings, load_matrix, locate, place_settings, place_sft_settings,
                                probe_surface, setting_history, snapshot_surface)
-from adapterlab.compat_adr import compat_stage, render_adr, translation_table
+from adapterlab.compat_adr import add_cli, compat_stage, render_adr, translation_table
 from adapterlab.compat_matrix import RegistryError, fetch_release, trl_releases
 from adapterlab.compat_surface import SourceTree, read_surface
 

@@ -283,6 +283,6 @@ def test_tampered_heads_artifact_is_refused(heads_run, tmp_path):
 
 def test_cli_registers_heads_train():
     parser = argparse.ArgumentParser()
-    H.add_cli(parser.add_subparsers())
+    HT.add_cli(parser.add_subparsers())
     args = parser.parse_args(["heads-train", "--override", "train.max_steps=2", "--hw", "cpu"])
     assert args.func is HT._cmd_heads_train and args.experiment == "minilm_heads" and args.override == ["train.max_steps=2"]

@@ -25,8 +25,7 @@ from .config import Config
 
 # %% auto #0
 __all__ = ['sft_settings', 'Step', 'Placement', 'unavailable_message', 'valid_names', 'unknown_message', 'deprecated_aliases',
-           'place_settings', 'place_sft_settings', 'build_sft_trainer', 'build_dpo_trainer', 'check_lora_settings',
-           'add_cli']
+           'place_settings', 'place_sft_settings', 'build_sft_trainer', 'build_dpo_trainer', 'check_lora_settings']
 
 # %% ../../nbs/01_compat.ipynb #a1343f03
 def sft_settings(cfg: Config, run_dir: Path) -> dict:
@@ -262,8 +261,3 @@ def check_lora_settings(settings: dict) -> dict:
                                     + (f" (did you mean {', '.join(h)}?)" if h else "") for k, h in hints.items())
                           + f". Valid fields: {', '.join(fields)}")
     return dict(settings)
-
-# %% ../../nbs/01_compat.ipynb #a7b93d2c
-def add_cli(subparsers) -> None:
-    from adapterlab.compat_adr import add_cli as add_compat_cli
-    add_compat_cli(subparsers)

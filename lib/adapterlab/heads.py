@@ -37,7 +37,7 @@ __all__ = ['POOLINGS', 'ALIGNMENT_RULES', 'GUARDS', 'HEAD_MODULES', 'HEAD_KINDS'
            'heads_losses', 'build_heads_model', 'drop_task_type', 'heads_lora_config', 'attach_heads_lora',
            'HeadsDataError', 'LabelShapeError', 'TargetAlignmentError', 'check_label_shape', 'align_targets',
            'read_records', 'encode_record', 'encode_records', 'tensorize', 'HeadsCollator', 'preflight', 'HeadsData',
-           'prepare_heads_data', 'add_cli']
+           'prepare_heads_data']
 
 # %% ../../nbs/07_heads.ipynb #99d5d61b
 POOLINGS = ("cls", "mean")
@@ -498,9 +498,3 @@ def prepare_heads_data(cfg: Config, heads: HeadsConfig, run_dir: str | Path, tok
     stats = {"read": n_read, "rejected": rejected, **length_stats, "train": len(train), "val": len(val),
              "eval": len(evaluation), "alignment": align}
     return HeadsData(train, val, evaluation, files, stats)
-
-# %% ../../nbs/07_heads.ipynb #75dd779c
-def add_cli(subparsers) -> None:
-    "`adapterlab heads-train`: registered from `adapterlab.heads_train`, imported only when the CLI is built."
-    from adapterlab.heads_train import add_cli as add_train_cli
-    add_train_cli(subparsers)
