@@ -20,6 +20,7 @@ from .compat import (SFT_SETTINGS, TRAINERS, TRAINING_ARGS_RENAMES, ApiSurface, 
                                sft_settings)
 from .compat_surface import _resolve_surface
 from .compat_matrix import default_matrix_dir, refresh_matrix, save_json, write_matrix_files
+from .skeleton import markdown_table
 
 # %% auto #0
 __all__ = ['SEED_STORY', 'translation_table', 'removed_since', 'probe_other_apis', 'compat_report', 'render_adr', 'compat_stage',
@@ -113,6 +114,13 @@ def _where(row: dict) -> str:
 def _details(summary: str, body: str) -> list[str]:
     return ["<details><summary>" + summary + "</summary>", "", body, "", "</details>", ""]
 
+def _spellings(row: dict) -> str:
+    return ", ".join(f"`{n}`" for n in row["spellings"])
+
+def _moves_table(moves: dict) -> str:
+    return markdown_table(["setting", "release", "from", "to"],
+                          [(f"`{k}`", m["version"], f"`{m['from']}`", f"`{m['to']}`") for k, ms in moves.items() for m in ms])
+
 def render_adr(report: dict, run_id: str | None = None) -> str:
     "The compat ADR (Context, Decision, Consequences, Alternatives considered, Evidence) as Markdown."
     v, sft, dpo = report["versions"], report["kinds"]["sft"], report["kinds"]["dpo"]
@@ -130,27 +138,24 @@ def render_adr(report: dict, run_id: str | None = None) -> str:
          "setting the installed release cannot take stops the run with its name, the version and the alternatives. "
          "No setting is dropped.", "",
          f"### Translation table in force: `{sft['trainer']}` / `{sft['config']}`", "",
-         "| setting | goes to | spellings accepted | meaning |", "|---|---|---|---|"]
-    for r in sft["table"]:
-        L.append(f"| `{r['setting']}` | {_where(r)} | {', '.join(f'`{n}`' for n in r['spellings'])} | "
-                 f"{_md_escape(r['doc'])} |")
+         markdown_table(["setting", "goes to", "spellings accepted", "meaning"],
+                        [(f"`{r['setting']}`", _where(r), _spellings(r), _md_escape(r["doc"])) for r in sft["table"]])]
     L += ["", "Any other `SFTConfig` field (its own, or inherited from `TrainingArguments`) passes through under its "
           "own name; " + ", ".join(f"`{k}` → `{r.new}`" for k, r in TRAINING_ARGS_RENAMES.items())
           + " are translated when the installed transformers has only the new name"
           + ("; deprecated aliases are passed under their new names: "
              + ", ".join(f"`{a}` → `{b}`" for a, b in sft["aliases"].items()) if sft["aliases"] else "") + ".", "",
           f"### Translation table in force: `{dpo['trainer']}` / `{dpo['config']}`", "",
-          "| setting | goes to | spellings accepted |", "|---|---|---|"]
-    for r in dpo["table"]:
-        L.append(f"| `{r['setting']}` | {_where(r)} | {', '.join(f'`{n}`' for n in r['spellings'])} |")
+          markdown_table(["setting", "goes to", "spellings accepted"],
+                         [(f"`{r['setting']}`", _where(r), _spellings(r)) for r in dpo["table"]])]
     L += ["", "### Settings this installation cannot take", ""]
     L += [f"- `{r['setting']}`: {_md_escape(r['alternatives']) or 'no alternative known'}." for r in unavailable] or ["- none"]
     if "run" in report:
         L += ["", "### This run's settings", ""]
         if report["run"]["ok"]:
-            L += ["| given | placed as | how | note |", "|---|---|---|---|"]
-            L += [f"| `{s['given']}` | `{s['where']}({s['name']}=…)` | {s['how']} | {_md_escape(s['note'])} |"
-                  for s in report["run"]["steps"]]
+            L.append(markdown_table(["given", "placed as", "how", "note"],
+                                    [(f"`{s['given']}`", f"`{s['where']}({s['name']}=…)`", s["how"], _md_escape(s["note"]))
+                                     for s in report["run"]["steps"]]))
         else:
             L += ["**The run's settings cannot be placed:**", "", "```", report["run"]["error"], "```"]
     L += ["", "## Consequences", "",
@@ -202,12 +207,7 @@ def render_adr(report: dict, run_id: str | None = None) -> str:
           f"From the snapshot generated {sft['matrix']['generated']} "
           f"({sft['matrix']['releases']} releases {sft['matrix']['first']}–{sft['matrix']['last']}; the installed "
           f"release is {'in' if sft['matrix']['installed_in_matrix'] else '**not** in'} it). Releases where a setting "
-          "changed place or name:", "", "| setting | release | from | to |", "|---|---|---|---|"]
-    for k, moves in sft["moves"].items():
-        L += [f"| `{k}` | {m['version']} | `{m['from']}` | `{m['to']}` |" for m in moves]
-    L += ["", "DPO:", "", "| setting | release | from | to |", "|---|---|---|---|"]
-    for k, moves in dpo["moves"].items():
-        L += [f"| `{k}` | {m['version']} | `{m['from']}` | `{m['to']}` |" for m in moves]
+          "changed place or name:", "", _moves_table(sft["moves"]), "", "DPO:", "", _moves_table(dpo["moves"])]
     L += ["", "The full per-release matrix: `adapterlab compat matrix` writes `outputs/compat/matrix.md`."]
     return "\n".join(L) + "\n"
 

@@ -22,6 +22,7 @@ from .compat_surface import (SFT_SETTINGS, TRAINERS, ApiSurface, CompatError, Se
                                        _place_label, _resolve_surface, history_text, load_matrix, locate, read_surface,
                                        snapshot_path)
 from .config import AdapterlabError
+from .skeleton import markdown_table
 
 # %% auto #0
 __all__ = ['MATRIX_FORMAT', 'SFT_EXTRA_CLASSES', 'surface_matrix', 'RegistryError', 'wheel_cache', 'sort_versions',
@@ -219,13 +220,13 @@ def render_matrix_md(matrix: dict) -> str:
              f"read: *via TrainingArguments‡* means the field is not in TRL's source and was found in "
              f"{matrix.get('inherited_read_from') or 'no TrainingArguments (none was read)'}. "
              f"Generated {matrix['generated']} by `{matrix['refresh']}`.", "",
-             "## Where each setting lives", "", "| setting | meaning | releases: place |", "|---|---|---|"]
-    for k, s in matrix["settings"].items():
-        lines.append(f"| `{k}` | {s['doc']} | {history_text(matrix, k, markdown=True)} |")
-    lines += ["", "## Moves", "", "| setting | in release | from | to |", "|---|---|---|---|"]
-    for k, moves in matrix["moves"].items():
-        for m in moves:
-            lines.append(f"| `{k}` | {m['version']} | `{m['from']}` | `{m['to']}` |")
+             "## Where each setting lives", "",
+             markdown_table(["setting", "meaning", "releases: place"],
+                            [(f"`{k}`", s["doc"], history_text(matrix, k, markdown=True)) for k, s in matrix["settings"].items()]),
+             "", "## Moves", "",
+             markdown_table(["setting", "in release", "from", "to"],
+                            [(f"`{k}`", m["version"], f"`{m['from']}`", f"`{m['to']}`")
+                             for k, moves in matrix["moves"].items() for m in moves])]
     if matrix.get("classes"):
         lines += ["", "## Classes that did a setting's job", ""]
         for cls, ranges in matrix["classes"].items():
@@ -235,9 +236,8 @@ def render_matrix_md(matrix: dict) -> str:
               f"`cfg.x`: `{c}(x=…)`; `trainer.x`: `{t}(x=…)`; † deprecated in that release; ‡ through "
               f"`TrainingArguments` as read from {matrix.get('inherited_read_from')}; + also accepted "
               f"elsewhere (see the JSON); —: no such setting.", "",
-              "| trl | " + " | ".join(matrix["settings"]) + " |", "|---" * (len(matrix["settings"]) + 1) + "|"]
-    for v, row in matrix["trl"].items():
-        lines.append(f"| {v} | " + " | ".join(_cell(row[k]) for k in matrix["settings"]) + " |")
+              markdown_table(["trl", *matrix["settings"]],
+                             [(v, *(_cell(row[k]) for k in matrix["settings"])) for v, row in matrix["trl"].items()])]
     return "\n".join(lines) + "\n"
 
 # %% ../../nbs/22_compat_matrix.ipynb #f30412d3

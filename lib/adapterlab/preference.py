@@ -21,7 +21,7 @@ from .config import Config
 from .data import (DataError, Example, RecordProblem, Reject, check_clean, count_tokens, decode_line,
                              display_name, iter_lines, normalise_record, parse_object, resolve_data_path, write_jsonl)
 from .models import load_base_model, sha256_file
-from .skeleton import (TrainingSkeleton, distributed_state, latest_checkpoint, metrics_callback,
+from .skeleton import (TrainingSkeleton, distributed_state, latest_checkpoint, markdown_table, metrics_callback,
                                  prepare_training, read_metrics, summarize_training, verification_table, write_json)
 from .train import TrainResult, attach_lora
 
@@ -370,9 +370,7 @@ def comparison_markdown(report: dict) -> str:
     "One row per metric: each model's value, then each comparison's Δ with its 95% CI and verdict."
     names, comps = report["models"], report["comparisons"]
     first = next(iter(comps.values()))
-    lines = [f"Eval set `{report['eval_set']}`, {report['n_examples']} examples; Δ = paired bootstrap, 95% CI.", "",
-             "| metric | " + " | ".join(names) + " | " + " | ".join(f"Δ {k.replace('->', ' → ')}" for k in comps) + " |",
-             "|---" * (1 + len(names) + len(comps)) + "|"]
+    rows = []
     for metric in first:
         values = {}
         for key, comp in comps.items():
@@ -381,9 +379,10 @@ def comparison_markdown(report: dict) -> str:
         deltas = [f"{c[metric]['delta']:+.3g} [{c[metric]['ci95'][0]:+.3g}, {c[metric]['ci95'][1]:+.3g}] "
                   f"{'✓' if c[metric]['verdict'] == 'adapter better' else '✗' if c[metric]['verdict'] == 'adapter worse' else '~'}"
                   for c in comps.values()]
-        lines.append(f"| {metric} | " + " | ".join(f"{values[n]:.4g}" for n in names) + " | " + " | ".join(deltas) + " |")
-    lines += ["", "✓ the later model is better (CI excludes 0), ✗ worse, ~ the eval set cannot tell."]
-    return "\n".join(lines)
+        rows.append([metric, *(f"{values[n]:.4g}" for n in names), *deltas])
+    table = markdown_table(["metric", *names, *(f"Δ {k.replace('->', ' → ')}" for k in comps)], rows)
+    return (f"Eval set `{report['eval_set']}`, {report['n_examples']} examples; Δ = paired bootstrap, 95% CI.\n\n"
+            f"{table}\n\n✓ the later model is better (CI excludes 0), ✗ worse, ~ the eval set cannot tell.")
 
 def evaluate_preference(cfg: Config, run_dir: str | Path, dpo_artifact: str | Path,
                         sft_artifact: str | Path | None = None) -> dict:
@@ -402,8 +401,8 @@ def examples_markdown(report: dict) -> str:
     from adapterlab.eval import table_cell
     lines = []
     for n, ex in enumerate(report["examples"], 1):
-        lines += [f"**Example {n}:** {table_cell(ex['prompt'])}", "", "| | answer |", "|---|---|",
-                  *(f"| {k} | {table_cell(str(v))} |" for k, v in ex.items() if k != "prompt"), ""]
+        lines += [f"**Example {n}:** {table_cell(ex['prompt'])}", "",
+                  markdown_table(["", "answer"], [(k, table_cell(str(v))) for k, v in ex.items() if k != "prompt"]), ""]
     return "\n".join(lines)
 
 
