@@ -196,6 +196,9 @@ class TrainingSkeleton:
     def start(self, model, record: bool = True) -> dict:
         "Refuse a model whose base could train; hash the base (`record`) and write the baseline (main process)."
         self.trainable = check_only_adapter_trainable(model)
+        if hasattr(model, "get_nb_trainable_parameters"):   # PEFT's own count: a 4-bit weight counts its real size
+            trainable, total = model.get_nb_trainable_parameters()
+            self.trainable.update(trainable=trainable, total=total, percent=round(100 * trainable / max(total, 1), 4))
         if record:
             self.before = base_checksums(model)
             if self.is_main:
