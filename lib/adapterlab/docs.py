@@ -36,10 +36,10 @@ from .config import project_root
 __all__ = ['DocsBuildError', 'page_name', 'module_notebooks', 'stage_notebooks', 'newest_finished_run', 'resolve_run',
            'run_stage_notebooks', 'cell_options', 'options_to_tags', 'keep_title', 'api_cell', 'exec_api_docs',
            'DocsFilter', 'site_url', 'source_links', 'relink', 'pandoc_links', 'relink_nb', 'note_cell',
-           'process_notebook', 'process_cached', 'executed_dir', 'execute_notebook', 'missing_outputs', 'executed_copy',
-           'execute_modules', 'index_markdown', 'readme_text', 'check_readme', 'write_readme', 'run_images',
-           'coalesce_streams', 'stage_pages', 'module_pages', 'parameters_markdown', 'record_pages', 'mkdocs_config',
-           'write_mkdocs_yml', 'page_refs', 'broken_links', 'mkdocs_build', 'build_docs', 'add_cli']
+           'process_notebook', 'process_cached', 'executed_dir', 'execute_notebook', 'missing_outputs', 'literate_gaps',
+           'executed_copy', 'execute_modules', 'index_markdown', 'readme_text', 'check_readme', 'write_readme',
+           'run_images', 'coalesce_streams', 'stage_pages', 'module_pages', 'parameters_markdown', 'record_pages',
+           'mkdocs_config', 'write_mkdocs_yml', 'page_refs', 'broken_links', 'mkdocs_build', 'build_docs', 'add_cli']
 
 # %% ../../nbs/15_docs.ipynb #cb04034d
 class DocsBuildError(AdapterlabError, RuntimeError):
@@ -303,6 +303,26 @@ def missing_outputs(nb_path: Path) -> list[str]:
     nb = read_nb(nb_path)
     return [f"{Path(nb_path).name}: cell {i}: {(c.source.splitlines() or [''])[-1][:60]!r} shows no output"
             for i, c in enumerate(nb.cells) if _is_example(c) and not c.get("outputs")]
+
+
+# %% ../../nbs/15_docs.ipynb #83015c3c
+def _is_check(cell) -> bool:
+    src = cell.source if isinstance(cell.source, str) else "".join(cell.source)
+    return cell.cell_type == "code" and bool(re.search(r"^\s*(assert\b|test_\w+\(|test_fail\()", src, re.M))
+
+def literate_gaps(nb_path: Path) -> list[str]:
+    """`NOTEBOOK: cell N: def …` for every export cell with no example (a code cell that shows something) and no check
+    (`assert`/`test_*`) between it and the next export cell: the fastcore style is definition, example, check."""
+    nb, gaps = read_nb(nb_path), []
+    cells = nb.cells
+    exports = [i for i, c in enumerate(cells) if c.cell_type == "code" and re.match(r"^\s*#\|\s*export\b", c.source or "")]
+    for k, i in enumerate(exports):
+        following = cells[i + 1:exports[k + 1] if k + 1 < len(exports) else len(cells)]
+        code = [c for c in following if c.cell_type == "code" and c.source.strip()]
+        if not any(_is_check(c) for c in code) or not any(not _is_check(c) or "print(" in c.source for c in code):
+            defs = re.findall(r"^(?:def|class) (\w+)", cells[i].source, re.M)
+            if defs: gaps.append(f"{Path(nb_path).name}: cell {i}: {', '.join(defs)}")
+    return gaps
 
 
 # %% ../../nbs/15_docs.ipynb #20efc1a8
@@ -604,6 +624,10 @@ def _cmd_build(args) -> int:
         print(f"adapterlab docs build: {e}", file=sys.stderr)
         return 1
     print(f"docs: {sum(1 for _ in out.rglob('*.html'))} HTML files in {out} ({time.time() - start:.0f}s); open {out / 'index.html'}")
+    with _in_project(project_root()): nbs = get_config().nbs_path
+    gaps = {p.name: len(literate_gaps(p)) for p in module_notebooks(nbs)}
+    print(f"literate style: {sum(gaps.values())} export cell(s) without an example and a check after them "
+          f"({', '.join(f'{k} {v}' for k, v in gaps.items() if v) or 'none'}); `literate_gaps` lists them")
     return 0
 
 def _cmd_execute(args) -> int:
