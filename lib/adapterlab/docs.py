@@ -445,7 +445,8 @@ def module_pages(nbs: Path, pages: Path, cache: Path, executed: Path | None = No
         if not read_nb(exe).metadata.get("adapterlab", {}).get("passed"):
             problems.append(f"{src.name}: fails when executed (run `adapterlab docs execute {page_name(src)}` to see why)")
         problems += missing_outputs(exe)
-        process_cached(exe, pages / "api" / f"{page_name(src)}.ipynb", cache)
+        page = process_cached(exe, pages / "api" / f"{page_name(src)}.ipynb", cache)
+        nb = read_nb(page); coalesce_streams(nb); write_nb(nb, page)   # progress bars: their last state only
         nav.append({_title(src): f"api/{page_name(src)}.ipynb"})
     if problems:
         raise DocsBuildError("module pages without the outputs of their examples:\n  " + "\n  ".join(problems))
