@@ -589,12 +589,14 @@ def mkdocs_build(yml: Path) -> str:
 
 # %% ../../nbs/15_docs.ipynb #417e086d
 def build_docs(run: str | Path | None = None, out: str | Path = "_docs", nbs: Path | None = None,
-               work: Path | None = None) -> Path:
-    "Build the docs site from `nbs` (default: the project's) and the stage outputs of `run` into `out`."
+               work: Path | None = None, executed: Path | None = None) -> Path:
+    """Build the docs site from `nbs` (default: the project's) and the stage outputs of `run` into `out`. Module pages
+    come from the executed copies in `executed` (default: `_proc/executed/` for the project's notebooks, else `work/executed`)."""
     root = project_root()
     with _in_project(root): cfg = get_config()
     nbs = Path(nbs or cfg.nbs_path)
     work = Path(work or root / "_proc" / "docs")
+    executed = Path(executed or (executed_dir(root) if nbs == cfg.nbs_path else work / "executed"))  # not the project's copies
     out = Path(out) if Path(out).is_absolute() else root / out
     pages = work / "pages"
     shutil.rmtree(pages, ignore_errors=True)
@@ -608,7 +610,7 @@ def build_docs(run: str | Path | None = None, out: str | Path = "_docs", nbs: Pa
         nav.append({"Home": "index.md"})
     (pages / "parameters.md").write_text(parameters_markdown())
     nav.append({"Parameters": "parameters.md"})
-    nav += [{"Stages": stage_pages(nbs, pages, run_dir)}, {"API": module_pages(nbs, pages, work / "cache")},
+    nav += [{"Stages": stage_pages(nbs, pages, run_dir)}, {"API": module_pages(nbs, pages, work / "cache", executed)},
             {"Records": record_pages(pages, run_dir, root)}]
     nav = [n for n in nav if list(n.values())[0]]
     yml = write_mkdocs_yml(work, mkdocs_config(cfg.lib_name, nav, out, description=cfg.get("description", "")))
