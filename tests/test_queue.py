@@ -175,7 +175,7 @@ def test_queue_trains_an_adapter_in_the_background_and_archives(tmp_path, capsys
     late = [feedback_record(cfg, "good", f"late {i}", "r") for i in range(2)]
     append_records(q, late)
 
-    st = wait_for_training(run_dir, timeout=240)
+    st = wait_for_training(run_dir, timeout=900)   # data → compat → train notebooks, as `adapterlab run`
     assert st["state"] == "succeeded", (st, (run_dir / "queue_train.log").read_text()[-3000:])
     artifact = Path(st["artifact"])
     assert verify_artifact(artifact) == [] and (artifact / "adapter_model.safetensors").exists()
