@@ -12,7 +12,7 @@ import importlib
 import sys
 
 COMMAND_MODULES = ("adapterlab.pipeline", "adapterlab.train", "adapterlab.artifact", "adapterlab.data",
-                   "adapterlab.queue", "adapterlab.compat", "adapterlab.plan", "adapterlab.eval", "adapterlab.heads",
+                   "adapterlab.queue", "adapterlab.compat_adr", "adapterlab.plan", "adapterlab.eval", "adapterlab.heads_train",
                    "adapterlab.regressions", "adapterlab.preference", "adapterlab.serve", "adapterlab.docs")
 
 def build_parser() -> argparse.ArgumentParser:
