@@ -668,7 +668,7 @@ def heads_report(summary: dict) -> str:
 
 # %% ../../nbs/07_heads.ipynb #bd9b492a
 def _cmd_heads_train(args) -> int:
-    cfg, heads, run_dir = open_heads_run(args.experiment, args.hw, args.override, args.run_dir)
+    cfg, heads, run_dir = open_heads_run(args.experiment, args.hw, args.set, args.run_dir)
     result = train_heads(cfg, heads, run_dir)
     print(heads_report(result.summary))
     print(f"artifact: {result.summary['artifact']}")
@@ -677,9 +677,11 @@ def _cmd_heads_train(args) -> int:
     return 0 if not result.summary["verification"]["artifact_problems"] else 1
 
 def add_cli(subparsers) -> None:
+    import argparse
     p = subparsers.add_parser("heads-train", help="train LoRA + custom heads on an encoder (e.g. MiniLM)")
-    p.add_argument("--experiment", default="minilm_heads", help="a heads experiment (with a `heads:` section)")
+    p.add_argument("-f", "--experiment", default="minilm_heads", help="a heads experiment (with a `heads:` section)")
     p.add_argument("--hw", default="cpu", help="hardware profile")
-    p.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter (repeatable)")
+    p.add_argument("--override", action="append", dest="set", help=argparse.SUPPRESS)  # deprecated spelling of --set
     p.add_argument("--run-dir", default=None, help="an existing run folder")
     p.set_defaults(func=_cmd_heads_train)

@@ -471,7 +471,7 @@ def open_regressions_run(experiment: str = "minilm_heads", hw: str = "cpu", over
 
 # %% ../../nbs/08_regressions.ipynb #459ea43b
 def _cmd_regressions(args) -> int:
-    inputs, run_dir = open_regressions_run(args.experiment, args.hw, args.override, args.run_dir, args.lm_experiment)
+    inputs, run_dir = open_regressions_run(args.experiment, args.hw, args.set, args.run_dir, args.lm_experiment)
     checks = tuple(get_check(i) for i in args.check) if args.check else REGISTRY
     try:
         results = regression_stage(run_dir, inputs, not args.no_guard_proof, checks)
@@ -483,11 +483,13 @@ def _cmd_regressions(args) -> int:
     return 0
 
 def add_cli(subparsers) -> None:
+    import argparse
     p = subparsers.add_parser("regressions", help="reproduce every historical pipeline bug and show it is guarded")
     p.add_argument("--experiment", default="minilm_heads", help="heads experiment whose model and records the checks use")
     p.add_argument("--hw", default="cpu")
     p.add_argument("--lm-experiment", default="ci", help="experiment whose causal LM the TRL check builds a trainer for")
-    p.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter (repeatable)")
+    p.add_argument("--override", action="append", dest="set", help=argparse.SUPPRESS)  # deprecated spelling of --set
     p.add_argument("--run-dir", default=None, help="write regressions/ here (default: a new run folder)")
     p.add_argument("--check", action="append", default=[], help="run only this check id (repeatable)")
     p.add_argument("--no-guard-proof", action="store_true", help="skip re-running each check with its guard removed")
