@@ -24,6 +24,7 @@ import yaml
 from torch import nn
 from transformers.utils import ModelOutput
 
+from . import tracking
 from .config import (AdapterlabError, Config, ConfigError, build_dataclass, find_params_file, load_layer, make_run_dir,
                                merge_layers, overrides_layer, params_dir, save_config, spec)
 
@@ -517,7 +518,7 @@ def heads_training_arguments(cfg: Config, run_dir: Path):
         save_total_limit=cfg.train.save_total_limit, seed=cfg.seed, data_seed=cfg.seed,
         full_determinism=cfg.train.deterministic, use_cpu=on_cpu,
         bf16=not on_cpu and cfg.hw.dtype == "bfloat16", fp16=not on_cpu and cfg.hw.dtype == "float16",
-        optim=cfg.hw.optimizer, report_to=[], dataloader_num_workers=0, eval_strategy="no",
+        optim=cfg.hw.optimizer, report_to=tracking.report_to(cfg, run_dir), dataloader_num_workers=0, eval_strategy="no",
         remove_unused_columns=False, label_names=list(TARGET_FIELDS), disable_tqdm=True,
         # named only when used: transformers 5 warns about both names (renamed to activation_checkpointing*)
         **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}

@@ -22,6 +22,7 @@ from .config import Config, check_hardware
 from .data import (DataError, Example, RecordProblem, Reject, check_clean, count_tokens, decode_line,
                              display_name, iter_lines, normalise_record, parse_object, resolve_data_path, write_jsonl)
 from .models import load_base_model, sha256_file
+from . import tracking
 from .train import (TrainResult, attach_lora, latest_checkpoint, metrics_callback, seed_everything,
                               sft_settings, summarize_training)
 
@@ -230,7 +231,7 @@ def dpo_settings(cfg: Config, run_dir: str | Path) -> dict:
     p = cfg.preference
     settings.update(output_dir=str(preference_dir(run_dir) / "checkpoints"), beta=p.beta, loss_type=[p.loss_type],
                     learning_rate=p.learning_rate, num_train_epochs=p.epochs, max_steps=p.max_steps,
-                    per_device_train_batch_size=pair_batch_size(cfg))
+                    per_device_train_batch_size=pair_batch_size(cfg), report_to=tracking.report_to(cfg, preference_dir(run_dir)))
     if p.sft_weight > 0:  # RPO: DPO plus the chosen answers' NLL, so their likelihood cannot fall while the margin grows
         settings.update(loss_type=[p.loss_type, "sft"], loss_weights=[1.0, p.sft_weight])
     return settings

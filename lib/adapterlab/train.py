@@ -19,6 +19,7 @@ from .config import Config, ConfigError, check_hardware
 from .data import PreparedData, load_prepared, prepare_data, weighted_sampler
 from .models import load_base_model
 from .plan import gib
+from . import tracking
 
 # %% auto #0
 __all__ = ['seed_everything', 'lora_config', 'attach_lora', 'sft_settings', 'weighted_trainer_class', 'plain_lm_head',
@@ -70,7 +71,7 @@ def sft_settings(cfg: Config, run_dir: Path) -> dict:
         bf16=not on_cpu and cfg.hw.dtype == "bfloat16", fp16=not on_cpu and cfg.hw.dtype == "float16",
         gradient_checkpointing=cfg.hw.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False}, optim=cfg.hw.optimizer,
-        report_to=[], dataloader_num_workers=0, eval_strategy="no", disable_tqdm=False)
+        report_to=tracking.report_to(cfg, run_dir), dataloader_num_workers=0, eval_strategy="no", disable_tqdm=False)
 
 # %% ../../nbs/05_train.ipynb #23a40a65
 def weighted_trainer_class():
