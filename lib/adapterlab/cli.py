@@ -32,7 +32,7 @@ COMMANDS = {
     "compat": ("adapterlab.compat", "where each trainer setting goes on the installed TRL; the TRL matrix",
                ["adapterlab compat probe", "adapterlab compat adr -f ci"]),
     "plan": ("adapterlab.plan", "estimate peak GPU memory of a training step before loading anything",
-             ["adapterlab plan --hw 8gb", "adapterlab plan --hw 24gb --arch llama-8b --fit"]),
+             ["adapterlab plan --hw 8gb", "adapterlab plan --hw 24gb --arch llama-3.1-8b --fit"]),
     "eval": ("adapterlab.eval", "compare base model and adapter of a trained run on its eval set",
              ["adapterlab eval outputs/runs/RUN_ID", "adapterlab eval outputs/runs/RUN_ID --set eval.max_examples=8"]),
     "heads-train": ("adapterlab.heads", "train LoRA + custom heads on an encoder (e.g. MiniLM)",

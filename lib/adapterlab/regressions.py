@@ -485,7 +485,7 @@ def _cmd_regressions(args) -> int:
 def add_cli(subparsers) -> None:
     import argparse
     p = subparsers.add_parser("regressions", help="reproduce every historical pipeline bug and show it is guarded")
-    p.add_argument("--experiment", default="minilm_heads", help="heads experiment whose model and records the checks use")
+    p.add_argument("-f", "--experiment", default="minilm_heads", help="heads experiment whose model and records the checks use")
     p.add_argument("--hw", default="cpu")
     p.add_argument("--lm-experiment", default="ci", help="experiment whose causal LM the TRL check builds a trainer for")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter (repeatable)")
