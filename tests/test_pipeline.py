@@ -2,6 +2,7 @@
 process died (SIGKILL) or was stopped (Ctrl-C), and `--resume` continues it; one process per run folder; runs made
 without the pipeline get a real status."""
 import json
+import re
 import os
 import signal
 import subprocess
@@ -67,7 +68,7 @@ def test_a_second_process_cannot_run_the_same_run_folder(tmp_path):
     (run_dir / "status.json").write_text(json.dumps({"status": "running", "stages": {}, "owner": me}))
     held = lock_run(run_dir)
     try:
-        with pytest.raises(RunBusy, match=f"already being run by pid {os.getpid()} on {me['host']} since {me['since']}"):
+        with pytest.raises(RunBusy, match=re.escape(f"already being run by pid {os.getpid()} on {me['host']} since {me['since']}")):
             run_pipeline(resume=run_dir, echo=lambda _: None)
         assert run_state(run_dir) == "running"            # the holder is alive
     finally:
