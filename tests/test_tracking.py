@@ -92,6 +92,7 @@ def test_tensorboard_event_file_has_the_loss_of_every_step(tracked_run):
 
 @pytest.mark.slow
 def test_one_mlflow_run_holds_params_step_metrics_eval_metrics_and_the_artifact(tracked_run):
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")   # MLflow 3's opt-in to the local file store
     from mlflow.tracking import MlflowClient
     run_dir, _ = tracked_run
     record = read_tracking(run_dir)["mlflow"]
