@@ -135,6 +135,9 @@ def report_to(cfg: Config, run_dir: str | Path) -> list[str]:
         os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
         names.append("mlflow")
     if cfg.tracking.wandb:
+        if not _available("wandb"):
+            raise AdapterlabError("tracking.wandb is on but the wandb package is not installed: pip install wandb "
+                                  "(or --set tracking.wandb=false)")
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_DIR", str(run_folder(run_dir)))
         os.environ.setdefault("WANDB_PROJECT", cfg.tracking.mlflow_experiment)
