@@ -34,6 +34,10 @@ def test_top_level_help_imports_no_command_module():
 
 
 def test_the_table_lists_exactly_what_the_modules_register():
+    import adapterlab
+    from pathlib import Path
+    with_cli = {f"adapterlab.{p.stem}" for p in Path(adapterlab.__file__).parent.glob("*.py") if "\ndef add_cli(" in p.read_text()}
+    assert with_cli == {m for m, _, _ in COMMANDS.values()}, "a module with add_cli has no row in cli.COMMANDS"
     parser = build_parser(None)     # every module imported, each registering its real commands
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for name, (module, help, examples) in COMMANDS.items():
