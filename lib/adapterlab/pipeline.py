@@ -150,6 +150,16 @@ def error_location(traceback_lines: list[str], root: Path | None = None) -> str 
     ours = [m for m in frames if m["file"] and "adapterlab" in m["file"] and "site-packages" not in m["file"]]
     return where((ours or [m for m in frames if m["file"]] or frames)[-1])
 
+def _stop_kernels() -> None:
+    "Kill this process's own Jupyter kernels (children started by papermill)."
+    import psutil
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "ipykernel_launcher" in " ".join(child.cmdline()):
+                child.kill()
+        except psutil.Error:
+            pass
+
 def run_stage(name: str, index: int, run_dir: Path, parameters: dict, progress=None) -> Path:
     """Execute one stage notebook into `run_dir/notebooks/`, its output stream into `progress` (a
     `tracking.StageProgress`: live progress and the stage's log file); raise `StageFailed` as one line: the stage,
@@ -177,6 +187,7 @@ def run_stage(name: str, index: int, run_dir: Path, parameters: dict, progress=N
         raise StageFailed(f"stage '{name}' failed{' at ' + at if at else ''} (cell [{e.exec_count}]): {e.ename}: "
                           f"{first_line} (full traceback: {log or out})") from None
     except KeyboardInterrupt:
+        _stop_kernels()   # papermill may not have shut the busy kernel down: it must not go on writing into the run
         raise
     except Exception as e:   # the kernel died (killed, out of memory), or papermill could not start it
         raise StageFailed(f"stage '{name}' failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
