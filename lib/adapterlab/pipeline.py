@@ -450,7 +450,6 @@ def plain_words(md: str) -> str:
 
 def report_markdown(run_dir: str | Path) -> str:
     "The run report as Markdown (links are relative to the run folder)."
-    from adapterlab.train import memory_table, verification_table
     run_dir = Path(run_dir)
     status, cfg = read_status(run_dir), load_run_config(run_dir)
     state = run_state(run_dir, cfg)
@@ -472,6 +471,7 @@ def report_markdown(run_dir: str | Path) -> str:
     dry = _json(run_dir / "dry_run.json")
     train_md = None
     if summary:
+        from adapterlab.train import memory_table, verification_table   # (torch: only when there is training to show)
         m = summary["metrics"]
         train_md = _table(["metric", "value"], [[k, v] for k, v in m.items()])
         train_md += "\n\n![loss](loss.png)\n\n### Verification\n\n" + verification_table(summary)
