@@ -572,5 +572,5 @@ def add_cli(subparsers) -> None:
     p.add_argument("--fit", action="store_true", help="adjust micro-batch/accumulation/checkpointing to the budget")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter (repeatable)")
-    p.add_argument("--override", action="append", dest="set", help=argparse.SUPPRESS)  # deprecated spelling of --set
+    p.add_argument("-o", "--override", action="append", dest="set", help=argparse.SUPPRESS)  # deprecated spelling of --set
     p.set_defaults(func=_plan_cmd)
