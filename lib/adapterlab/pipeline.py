@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import shutil
 import signal
@@ -231,8 +232,8 @@ def _sigterm_as_interrupt():
     "SIGTERM stops a run like Ctrl-C does (main thread only); returns the handler to restore."
     if threading.current_thread() is not threading.main_thread():
         return None
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+    def handler(signum, frame):   # re-sent as SIGINT: the event loop papermill runs in turns SIGINT into a clean stop,
+        os.kill(os.getpid(), signal.SIGINT)   # where an exception raised from here could be lost inside the loop
     return signal.signal(signal.SIGTERM, handler)
 
 def run_pipeline(experiment: str = "json_contacts", hw: str = "cpu", overrides: list[str] | None = None,
