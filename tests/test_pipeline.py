@@ -143,3 +143,12 @@ def test_ctrl_c_stops_a_run_in_one_line_as_interrupted_and_it_resumes(tmp_path):
     assert status["status"] == "interrupted" and status["stages"]["compat"]["status"] == "interrupted"
     assert {r["id"]: r["status"] for r in list_runs(tmp_path / "runs")}[run_dir.name] == "interrupted"
     _resume_finishes(run_dir)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_pipeline_alone_stops_it_as_interrupted(tmp_path):
+    proc, run_dir = _start_and_wait_for_a_stage(tmp_path, "data")
+    proc.send_signal(signal.SIGTERM)      # `kill PID`: the pipeline only, not its kernel
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130 and len(err.strip().splitlines()) == 1, (out, err)
+    assert "interrupted during stage 'data'" in err and read_status(run_dir)["status"] == "interrupted"
