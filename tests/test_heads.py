@@ -285,4 +285,4 @@ def test_cli_registers_heads_train():
     parser = argparse.ArgumentParser()
     HT.add_cli(parser.add_subparsers())
     args = parser.parse_args(["heads-train", "--override", "train.max_steps=2", "--hw", "cpu"])
-    assert args.func is HT._cmd_heads_train and args.experiment == "minilm_heads" and args.override == ["train.max_steps=2"]
+    assert args.func is HT._cmd_heads_train and args.experiment == "minilm_heads" and args.set == ["train.max_steps=2"]

@@ -21,6 +21,7 @@ from .compat_surface import (DPO_SETTINGS, SFT_SETTINGS, TRAINERS, TRAINING_ARGS
                                        CompatError, Setting, TrainerSpec, _place_label, history_text,
                                        installed_versions, load_matrix, locate, probe_surface, setting_history,
                                        snapshot_surface)
+from . import tracking
 from .config import Config
 
 # %% auto #0
@@ -43,7 +44,7 @@ def sft_settings(cfg: Config, run_dir: Path) -> dict:
         bf16=not on_cpu and cfg.hw.dtype == "bfloat16", fp16=not on_cpu and cfg.hw.dtype == "float16",
         gradient_checkpointing=cfg.hw.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False}, optim=cfg.hw.optimizer,
-        report_to=[], dataloader_num_workers=0, eval_strategy="no", disable_tqdm=False)
+        report_to=tracking.report_to(cfg, run_dir), dataloader_num_workers=0, eval_strategy="no", disable_tqdm=False)
 
 # %% ../../nbs/01_compat.ipynb #c4a6b338
 @dataclass

@@ -24,6 +24,7 @@ import yaml
 from torch import nn
 from transformers.utils import ModelOutput
 
+from . import tracking
 from .config import (AdapterlabError, Config, ConfigError, build_dataclass, find_params_file, load_layer, make_run_dir,
                                merge_layers, overrides_layer, params_dir, save_config, spec)
 from .data import write_jsonl

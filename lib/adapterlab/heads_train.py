@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import yaml
 
+from . import tracking
 from .config import Config, build_dataclass
 from .heads import (TARGET_FIELDS, HeadsCollator, HeadsConfig, HeadsConfigError, HeadsData, attach_heads_lora,
                               build_heads_model, heads_lora_config, load_encoder, open_heads_run, prepare_heads_data,
@@ -42,7 +43,7 @@ def heads_training_arguments(cfg: Config, run_dir: Path):
         save_total_limit=cfg.train.save_total_limit, seed=cfg.seed, data_seed=cfg.seed,
         full_determinism=cfg.train.deterministic, use_cpu=on_cpu,
         bf16=not on_cpu and cfg.hw.dtype == "bfloat16", fp16=not on_cpu and cfg.hw.dtype == "float16",
-        optim=cfg.hw.optimizer, report_to=[], dataloader_num_workers=0, eval_strategy="no",
+        optim=cfg.hw.optimizer, report_to=tracking.report_to(cfg, run_dir), dataloader_num_workers=0, eval_strategy="no",
         remove_unused_columns=False, label_names=list(TARGET_FIELDS), disable_tqdm=True,
         # named only when used: transformers 5 warns about both names (renamed to activation_checkpointing*)
         **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
@@ -175,7 +176,7 @@ def heads_report(summary: dict) -> str:
 
 # %% ../../nbs/24_heads_train.ipynb #bd9b492a
 def _cmd_heads_train(args) -> int:
-    cfg, heads, run_dir = open_heads_run(args.experiment, args.hw, args.override, args.run_dir)
+    cfg, heads, run_dir = open_heads_run(args.experiment, args.hw, args.set, args.run_dir)
     result = train_heads(cfg, heads, run_dir)
     print(heads_report(result.summary))
     print(f"artifact: {result.summary['artifact']}")
@@ -184,9 +185,11 @@ def _cmd_heads_train(args) -> int:
     return 0 if not result.summary["verification"]["artifact_problems"] else 1
 
 def add_cli(subparsers) -> None:
+    import argparse
     p = subparsers.add_parser("heads-train", help="train LoRA + custom heads on an encoder (e.g. MiniLM)")
-    p.add_argument("--experiment", default="minilm_heads", help="a heads experiment (with a `heads:` section)")
+    p.add_argument("-f", "--experiment", default="minilm_heads", help="a heads experiment (with a `heads:` section)")
     p.add_argument("--hw", default="cpu", help="hardware profile")
-    p.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter (repeatable)")
+    p.add_argument("--override", action="append", dest="set", help=argparse.SUPPRESS)  # deprecated spelling of --set
     p.add_argument("--run-dir", default=None, help="an existing run folder")
     p.set_defaults(func=_cmd_heads_train)

@@ -23,7 +23,9 @@ from .data import (DataError, Example, RecordProblem, Reject, check_clean, count
 from .models import load_base_model, sha256_file
 from .skeleton import (TrainingSkeleton, distributed_state, latest_checkpoint, markdown_table, metrics_callback,
                                  prepare_training, read_metrics, summarize_training, verification_table, write_json)
+from . import tracking
 from .train import TrainResult, attach_lora
+
 
 # %% auto #0
 __all__ = ['PAIR_FIELDS', 'REF_ADAPTER', 'PreferencePair', 'parse_pair', 'read_pairs', 'pairs_from_queue', 'pair_length',
@@ -229,7 +231,7 @@ def dpo_settings(cfg: Config, run_dir: str | Path) -> dict:
     p = cfg.preference
     settings.update(output_dir=str(preference_dir(run_dir) / "checkpoints"), beta=p.beta, loss_type=[p.loss_type],
                     learning_rate=p.learning_rate, num_train_epochs=p.epochs, max_steps=p.max_steps,
-                    per_device_train_batch_size=pair_batch_size(cfg))
+                    per_device_train_batch_size=pair_batch_size(cfg), report_to=tracking.report_to(cfg, preference_dir(run_dir)))
     if p.sft_weight > 0:  # RPO: DPO plus the chosen answers' NLL, so their likelihood cannot fall while the margin grows
         settings.update(loss_type=[p.loss_type, "sft"], loss_weights=[1.0, p.sft_weight])
     return settings

@@ -305,7 +305,7 @@ def wait_for_training(run_dir: str | Path, timeout: float, poll: float = 0.5) ->
 
 # %% ../../nbs/04_queue.ipynb #81ec9ae2
 def _cfg_args(p) -> None:
-    p.add_argument("--experiment", default=None, help="experiment to train with (default: the project default)")
+    p.add_argument("-f", "--experiment", default="json_contacts", help="experiment name or YAML path")
     p.add_argument("--hw", default="cpu", help="hardware profile")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="parameter override")
 

@@ -533,7 +533,7 @@ def open_regressions_run(experiment: str = "minilm_heads", hw: str = "cpu", over
 
 # %% ../../nbs/08_regressions.ipynb #459ea43b
 def _cmd_regressions(args) -> int:
-    inputs, run_dir = open_regressions_run(args.experiment, args.hw, args.override, args.run_dir, args.lm_experiment)
+    inputs, run_dir = open_regressions_run(args.experiment, args.hw, args.set, args.run_dir, args.lm_experiment)
     print(f"checks run on {inputs.describe()}")
     checks = tuple(get_check(i) for i in args.check) if args.check else None
     try:
@@ -546,13 +546,15 @@ def _cmd_regressions(args) -> int:
     return 0
 
 def add_cli(subparsers) -> None:
+    import argparse
     p = subparsers.add_parser("regressions", help="reproduce every historical pipeline bug and show it is guarded")
     p.add_argument("-f", "--experiment", default="minilm_heads",
                    help="experiment whose model the checks run on: a heads experiment (encoder checks) or a causal-LM one (TRL check)")
     p.add_argument("--hw", default="cpu")
     p.add_argument("--lm-experiment", default=None,
                    help="with a heads experiment, also run the TRL check on this experiment's causal LM")
-    p.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter (repeatable)")
+    p.add_argument("--override", action="append", dest="set", help=argparse.SUPPRESS)  # deprecated spelling of --set
     p.add_argument("--run-dir", default=None, help="a run folder: its own parameters and model (default: a new run folder)")
     p.add_argument("--check", action="append", default=[], help="run only this check id (repeatable)")
     p.add_argument("--no-guard-proof", action="store_true", help="skip re-running each check with its guard removed")

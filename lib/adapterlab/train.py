@@ -21,6 +21,7 @@ from .skeleton import (TrainingSkeleton, latest_checkpoint, memory_table, metric
                                  prepare_training, read_metrics, record_memory, seed_everything, summarize_training,
                                  verification_table, write_json)
 
+
 # %% auto #0
 __all__ = ['lora_config', 'attach_lora', 'weighted_trainer_class', 'plain_lm_head', 'completion_loss',
            'completion_logits_trainer_class', 'trainer_class', 'rewind_metrics', 'TrainResult', 'SFTSetup',
