@@ -385,7 +385,7 @@ def find_params_file(kind: str, name_or_path: str | Path) -> Path:
     if p.suffix in (".yaml", ".yml"):
         return p if p.is_absolute() or p.exists() else project_root() / p
     if p.is_dir():
-        raise ConfigError(f"{name_or_path}: is a folder; give a {kind} name (params/{kind}/NAME.yaml) or a YAML file")
+        raise ConfigError(f"{name_or_path}: is a folder; give a {kind.rstrip('s')} name (params/{kind}/NAME.yaml) or a YAML file")
     if not re.fullmatch(NAME_PATTERN, str(name_or_path)):
         raise ConfigError(f"params/{kind}: {str(name_or_path)!r} is not a {kind} name; give a name from params/{kind} "
                           f"or a path ending in .yaml")
