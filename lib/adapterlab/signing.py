@@ -180,10 +180,10 @@ def record_artifact(folder: str | Path, signer: Key | None = None) -> dict:
     record_path = folder.parent / RUN_RECORD
     entry = {**folder_digest(folder), "signed_by": str(signer) if signer else None,
              "recorded_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    with FileLock(str(folder.parent / f".{RUN_RECORD}.lock")):
+    with FileLock(str(folder.parent / ".run-record.lock")):
         record = _read_record(record_path) if record_path.exists() else {}
         record[folder.name] = entry
-        tmp = record_path.with_name(f".{RUN_RECORD}.tmp")
+        tmp = record_path.with_name(".run-record.tmp")
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         tmp.replace(record_path)
     return entry
