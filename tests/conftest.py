@@ -4,6 +4,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# artifacts are signed with the local key: tests use a throw-away key folder, never the user's own key
+import tempfile
+os.environ.setdefault("ADAPTERLAB_KEYS", tempfile.mkdtemp(prefix="adapterlab-test-keys-"))
 
 import pytest
 

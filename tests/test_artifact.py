@@ -51,7 +51,9 @@ def test_deleted_file_is_caught(artifact, name):
 
 def test_added_file_is_caught(artifact):
     (artifact / "extra.bin").write_bytes(b"\0")
-    assert verify_artifact(artifact) == ["extra.bin: unexpected file (not in checksums.json)"]
+    problems = verify_artifact(artifact)
+    assert "extra.bin: pickle-capable format refused; adapterlab artifacts hold safetensors only" in problems
+    assert any(p.startswith("model.sig: signature by") and "extra.bin" in p for p in problems), problems
 
 
 def test_consistent_checksums_do_not_hide_a_config_that_lies(artifact):
@@ -63,7 +65,8 @@ def test_consistent_checksums_do_not_hide_a_config_that_lies(artifact):
     from adapterlab.artifact import _write_checksums
     _write_checksums(artifact)
     problems = verify_artifact(artifact)
-    assert problems and all("rank" in p for p in problems), problems
+    assert any("rank" in p and p.startswith("adapter_model.safetensors") for p in problems), problems
+    assert any(p.startswith("model.sig: signature by") for p in problems), problems
 
 
 def test_base_model_hash_is_checked(artifact, tmp_path):
@@ -121,3 +124,25 @@ def test_verify_cli_exit_codes(artifact, capsys):
     (artifact / "metadata.json").write_text("{}")
     assert main(["verify", str(artifact)]) == 1
     assert "metadata.json: sha256 mismatch" in capsys.readouterr().out
+
+
+def test_replacement_swaps_atomically_and_stale_temp_folders_are_cleaned(tmp_path):
+    """Under overwrite the old artifact stays at its name until the new one is there: the two folders are exchanged in
+    one rename (renameat2), not removed then renamed. Temp folders of a killed write are removed, a live one's kept."""
+    import os
+    from adapterlab.artifact import _replace_dir, clean_stale_temp
+    final, new = tmp_path / "artifact", tmp_path / ".artifact.tmp-1-x"
+    for d, text in ((final, "old"), (new, "new")):
+        d.mkdir()
+        (d / "f").write_text(text)
+    _replace_dir(new, final)
+    assert (final / "f").read_text() == "new" and (new / "f").read_text() == "old"   # exchanged, not deleted first
+    dead = tmp_path / ".artifact.tmp-999999999-abc"
+    old_style = tmp_path / ".artifact-v2.tmp-k3j2x"
+    live = tmp_path / f".artifact.tmp-{os.getpid()}-abc"
+    other = tmp_path / ".artifact-merged.tmp-abc"
+    for d in (dead, old_style, live, other):
+        d.mkdir()
+    removed = clean_stale_temp(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([dead.name, old_style.name])   # pid 1 (of `new`) is alive
+    assert live.exists() and other.exists() and new.exists()

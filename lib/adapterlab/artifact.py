@@ -22,15 +22,17 @@ from typing import Any, Iterable
 import yaml
 
 import adapterlab
-from .config import AdapterlabError, Config, config_to_dict, project_root
+from .config import AdapterlabError, Config, config_to_dict, project_root, redact_secrets
 from .models import ModelSource, model_weight_files, sha256_file
+from .signing import RUN_RECORD, SIGNATURE_FILE, check_signature, record_artifact, record_problems, sign_folder
 
 # %% auto #0
-__all__ = ['LORA_MARKERS', 'PROVENANCE_PACKAGES', 'REQUIRED_FILES', 'tensor_sha256', 'is_adapter_param', 'base_checksums',
-           'compare_checksums', 'digest_of', 'BaseModifiedError', 'trainable_report', 'check_only_adapter_trainable',
-           'redact_secrets', 'git_state', 'package_versions', 'hardware_info', 'base_model_provenance',
-           'dataset_provenance', 'model_card', 'ArtifactError', 'next_artifact_dir', 'write_artifact',
-           'verify_artifact', 'load_verified_adapter', 'update_artifact_metrics', 'add_cli']
+__all__ = ['LORA_MARKERS', 'PROVENANCE_PACKAGES', 'REQUIRED_FILES', 'OPTIONAL_FILES', 'ADAPTER_RECORD_KEYS', 'PICKLE_SUFFIXES',
+           'SCHEMAS', 'tensor_sha256', 'is_adapter_param', 'base_checksums', 'compare_checksums', 'digest_of',
+           'BaseModifiedError', 'trainable_report', 'check_only_adapter_trainable', 'git_state', 'package_versions',
+           'hardware_info', 'base_model_provenance', 'dataset_provenance', 'model_card', 'ArtifactError',
+           'next_artifact_dir', 'clean_stale_temp', 'write_artifact', 'verify_artifact', 'loading_problems',
+           'require_verified', 'load_verified_adapter', 'update_artifact_metrics', 'verify_run', 'add_cli']
 
 # %% ../../nbs/06_artifact.ipynb #843a7b16
 def tensor_sha256(t) -> str:
@@ -117,22 +119,6 @@ def check_only_adapter_trainable(model) -> dict:
     return report
 
 # %% ../../nbs/06_artifact.ipynb #4c6b3d9d
-_SECRET_VALUE = re.compile(r"(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_\-]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}"
-                           r"|xox[abpr]-[A-Za-z0-9\-]{10,}|eyJ[A-Za-z0-9_\-]{10,}\.[A-Za-z0-9_\-]{10,})")
-# whole words only: `hf_token` and `api_key` are secrets, `max_new_tokens` and `train_tokens` are not
-_SECRET_KEY = re.compile(r"(^|[_\-])(token|secret|password|passwd|api[_\-]?key|apikey|credentials?|auth)([_\-]|$)", re.I)
-
-def redact_secrets(obj):
-    "Recursively blank values under secret-looking keys and substrings shaped like tokens."
-    if isinstance(obj, dict):
-        return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) and isinstance(v, str) and v else redact_secrets(v))
-                for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact_secrets(v) for v in obj]
-    if isinstance(obj, str):
-        return _SECRET_VALUE.sub("<redacted>", obj)
-    return obj
-
 def git_state(root: Path | None = None) -> dict:
     "The project's git commit and whether the working tree differs from it."
     root = root or project_root()
@@ -245,13 +231,21 @@ data hashes, git commit, package versions). Check both with `adapterlab verify P
 
 # %% ../../nbs/06_artifact.ipynb #ca44755c
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "metadata.json", "training_config.yaml",
-                  "training_metrics.json", "README.md", "checksums.json")
+                  "training_metrics.json", "README.md", "checksums.json", SIGNATURE_FILE)
+# files an artifact may also hold: the tokenizer saved with the adapter (no code: `auto_map` is refused below)
+OPTIONAL_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                  "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt", "merges.txt",
+                  "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "generation_config.json")
+# the adapter_config.json keys metadata.json records at write time, so the two can be compared later
+ADAPTER_RECORD_KEYS = ("peft_type", "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern",
+                       "modules_to_save", "base_model_name_or_path")
 
 class ArtifactError(AdapterlabError, RuntimeError):
     "An artifact that is incomplete, tampered with, or inconsistent."
 
 def _write_checksums(folder: Path) -> dict:
-    sums = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "checksums.json"}
+    sums = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
+            if p.is_file() and p.name not in ("checksums.json", SIGNATURE_FILE)}
     (folder / "checksums.json").write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
     return sums
 
@@ -262,61 +256,223 @@ def next_artifact_dir(run_dir: Path, name: str = "artifact") -> Path:
         d, n = run_dir / f"{name}-v{n}", n + 1
     return d
 
+def clean_stale_temp(run_dir: str | Path, name: str = "artifact") -> list[Path]:
+    "Remove `.artifact*.tmp-*` / `.replaced-*` folders a killed write left behind (not those of a live process)."
+    pattern = re.compile(rf"^\.{re.escape(name)}(-v\d+)?\.(tmp|replaced)-(?:(?P<pid>\d+)-)?")
+    removed = []
+    for p in Path(run_dir).glob(".*"):
+        m = pattern.match(p.name)
+        if not m or not p.is_dir() or p.is_symlink():
+            continue
+        pid = int(m["pid"]) if m["pid"] else None
+        if pid is not None and pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue          # its writer is still running
+            except ProcessLookupError: pass
+            except PermissionError: continue
+        elif pid == os.getpid():
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+def _exchange(a: Path, b: Path) -> bool:
+    "Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    if fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):   # EINVAL, ENOSYS, EOPNOTSUPP: the file system or kernel cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+def _replace_dir(new: Path, final: Path) -> None:
+    "Put `new` at `final`; an existing `final` stays in place until the new one is there (no window without it)."
+    if not final.exists():
+        new.rename(final)
+        return
+    if _exchange(new, final):   # `new` now holds the old artifact; the caller's cleanup removes it
+        return
+    old = final.with_name(f".{final.name}.replaced-{os.getpid()}-{datetime.now(timezone.utc):%Y%m%d%H%M%S}")
+    final.rename(old)           # fallback (no renameat2): a window of two renames
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
 def write_artifact(run_dir: str | Path, model, cfg: Config, *, metrics: dict, base: ModelSource,
                    data_files: dict | None = None, extra: dict | None = None, overwrite: bool | None = None,
                    name: str = "artifact") -> Path:
-    "Save the adapter with provenance, metrics, config snapshot, model card and checksums; verify; move into place."
+    "Save the adapter with provenance, metrics, config snapshot, model card, checksums and signature; verify; move into place."
     run_dir = Path(run_dir)
+    clean_stale_temp(run_dir, name)
     metrics = redact_secrets(metrics)  # once, here: every file below (the model card too) sees only redacted values
     overwrite = cfg.output.overwrite if overwrite is None else overwrite
     final = run_dir / name if overwrite else next_artifact_dir(run_dir, name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=run_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=run_dir))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         cfg_dict = redact_secrets(config_to_dict(cfg))
+        adapter_cfg = json.loads((tmp / "adapter_config.json").read_text())
         meta = redact_secrets({
             "run_id": run_dir.name, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "experiment": cfg.experiment, "hw_profile": cfg.hw.name, "seed": cfg.seed,
             "base_model": base_model_provenance(base), "datasets": dataset_provenance(data_files or {}),
+            "adapter": {k: adapter_cfg.get(k) for k in ADAPTER_RECORD_KEYS},
             "git": git_state(), "packages": package_versions(), "hardware": hardware_info(), **(extra or {})})
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / "training_config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
         (tmp / "training_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(meta, cfg_dict, metrics))  # replaces PEFT's template card
         _write_checksums(tmp)
+        signer = sign_folder(tmp)  # OpenSSF model signing with the local key (adapterlab.signing)
         if problems := verify_artifact(tmp):
             raise ArtifactError(f"{tmp}: freshly written artifact fails verification:\n  " + "\n  ".join(problems))
-        if final.exists():  # only reachable with overwrite: swap, then drop the old one
-            old = final.with_name(f".{final.name}.replaced-{datetime.now(timezone.utc):%Y%m%d%H%M%S}")
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
+        _replace_dir(tmp, final)
+        record_artifact(final, signer)  # the digest, outside the artifact: run_dir/artifacts.json
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
 
+
 # %% ../../nbs/06_artifact.ipynb #883066d6
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.[^.]+)?\.weight$|"
                        r"^(?P<module2>.+)\.(?P<kind2>lora_embedding_A|lora_embedding_B|lora_magnitude_vector)$")
+# formats that can carry a pickle (code run on load): never part of an artifact, listed or not
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz", ".h5", ".msgpack")
+_SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+SCHEMAS = {
+    "checksums.json": {"type": "object", "minProperties": 1, "additionalProperties": _SHA256},
+    "adapter_config.json": {
+        "type": "object", "required": ["peft_type", "r", "lora_alpha", "target_modules"],
+        "properties": {
+            "peft_type": {"const": "LORA"}, "r": {"type": "integer", "minimum": 1}, "lora_alpha": {"type": "number"},
+            "target_modules": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+            "rank_pattern": {"type": ["object", "null"], "additionalProperties": {"type": "integer", "minimum": 1}},
+            "alpha_pattern": {"type": ["object", "null"], "additionalProperties": {"type": "number"}},
+            "modules_to_save": {"type": ["array", "null"], "items": {"type": "string"}},
+            "base_model_name_or_path": {"type": ["string", "null"]},
+            # PEFT's AutoPeftModel imports `parent_library`: only classes of transformers, torch or adapterlab pass
+            "auto_mapping": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
+                "parent_library": {"type": "string", "pattern": "^(transformers|adapterlab|torch)(\\.[A-Za-z0-9_.]+)?$"}}}]}}},
+    "metadata.json": {
+        "type": "object", "required": ["run_id", "base_model", "adapter"],
+        "properties": {
+            "run_id": {"type": "string"},
+            "adapter": {"type": "object", "required": list(ADAPTER_RECORD_KEYS)},
+            "base_model": {"type": "object", "required": ["spec", "weight_files"], "properties": {
+                "spec": {"type": "string"},
+                "weight_files": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "required": ["name", "sha256"],
+                    "properties": {"name": {"type": "string"}, "sha256": _SHA256}}}}}}},
+    "training_metrics.json": {"type": "object"},
+}
 
-def _adapter_tensor_problems(folder: Path) -> list[str]:
+def _schema_problem(name: str, value, schema: dict) -> str | None:
+    import jsonschema
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(value))
+    if error is None:
+        return None
+    where = ".".join(str(p) for p in error.absolute_path)
+    return f"{name}: {where + ': ' if where else ''}{error.message[:200]}"
+
+def _file_problems(folder: Path) -> list[str]:
+    "Every entry of the folder that an artifact must not hold: symlinks, folders, hidden or pickle-capable files, strangers."
+    problems, allowed = [], set(REQUIRED_FILES) | set(OPTIONAL_FILES)
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        name = entry.name
+        if entry.is_symlink():
+            problems.append(f"{name}: symlink refused (points to {os.readlink(entry.path)}); an artifact holds plain files only")
+        elif name.startswith("."):
+            problems.append(f"{name}: hidden {'folder' if entry.is_dir() else 'file'} refused")
+        elif entry.is_dir():
+            problems.append(f"{name}: folder refused; an artifact holds plain files only")
+        elif Path(name).suffix.lower() in PICKLE_SUFFIXES:
+            problems.append(f"{name}: pickle-capable format refused; adapterlab artifacts hold safetensors only")
+        elif not entry.is_file():
+            problems.append(f"{name}: not a regular file")
+        elif name not in allowed:
+            problems.append(f"{name}: unexpected file (not part of an adapterlab artifact)")
+    return problems
+
+def _read_structured(folder: Path, name: str):
+    "`(value, problem)` of a JSON/YAML file: parsed safely, duplicate keys refused, every error one line."
+    from adapterlab.config import ConfigError, load_layer
+    path = folder / name
+    try:
+        if name.endswith(".yaml"):
+            return load_layer(path).values, None
+        text = path.read_text(encoding="utf-8")
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys), None
+    except ConfigError as e:
+        return None, f"{name}: {str(e).split(': ', 1)[-1]}"
+    except UnicodeDecodeError:
+        return None, f"{name}: not UTF-8 text"
+    except (ValueError, RecursionError) as e:
+        return None, f"{name}: not valid JSON ({str(e)[:200]})"
+    except OSError as e:
+        return None, f"{name}: unreadable ({e.strerror})"
+
+def _no_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    if dupes := sorted({k for k in keys if keys.count(k) > 1}):
+        raise ValueError(f"duplicate key {dupes[0]!r}")
+    return dict(pairs)
+
+def _remote_code_problems(name: str, value, path: str = "") -> list[str]:
+    "Any `trust_remote_code: true` or `auto_map` (custom code) anywhere in a parsed file."
+    out = []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            here = f"{path}.{k}" if path else str(k)
+            if k == "trust_remote_code" and v not in (False, None):
+                out.append(f"{name}: {here}: {v!r}; adapterlab never runs model code from an artifact")
+            elif k == "auto_map" and v:
+                out.append(f"{name}: {here}: names custom code; adapterlab never runs model code from an artifact")
+            else:
+                out += _remote_code_problems(name, v, here)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out += _remote_code_problems(name, v, f"{path}[{i}]")
+    return out
+
+def _rank_for(module: str, rank_pattern: dict, r: int) -> int:
+    "The rank PEFT gives `module`: the first `rank_pattern` key whose regex matches the end of its name, else `r`."
+    for key, rank in rank_pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return rank
+    return r
+
+def _adapter_tensor_problems(folder: Path, config: dict) -> list[str]:
+    "Tensors against `adapter_config.json`: LoRA pairs, ranks, targets; every value finite."
+    import torch
     from safetensors import safe_open
     problems = []
     try:
-        config = json.loads((folder / "adapter_config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return [f"adapter_config.json: unreadable ({e})"]
-    try:
         with safe_open(folder / "adapter_model.safetensors", framework="pt") as f:
             shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # a corrupted header raises various errors; all mean the same thing here
-        return [f"adapter_model.safetensors: unreadable ({type(e).__name__}: {e})"]
+            for k in f.keys():
+                t = f.get_tensor(k)
+                if not t.is_floating_point():
+                    problems.append(f"adapter_model.safetensors: {k}: dtype {t.dtype} is not a floating-point weight")
+                elif not bool(torch.isfinite(t).all()):
+                    bad = int((~torch.isfinite(t)).sum())
+                    problems.append(f"adapter_model.safetensors: {k}: {bad} of {t.numel()} values are NaN or infinite")
+    except Exception as e:  # a corrupted or truncated file raises various errors; all mean the same thing here
+        return [f"adapter_model.safetensors: unreadable ({type(e).__name__}: {str(e)[:200]})"]
     if not shapes:
         return ["adapter_model.safetensors: holds no tensors"]
-    r = config.get("r")
+    r = config["r"]
     rank_pattern = config.get("rank_pattern") or {}
+    for key in rank_pattern:
+        try: re.compile(key)
+        except re.error as e:
+            return problems + [f"adapter_config.json: rank_pattern: {key!r} is not a valid regular expression ({e})"]
     targets = config.get("target_modules")
     saved = set(config.get("modules_to_save") or [])
     modules: dict = {}
@@ -333,7 +489,7 @@ def _adapter_tensor_problems(folder: Path) -> list[str]:
             if set(parts) & {"lora_A", "lora_B"} != {"lora_A", "lora_B"}:
                 problems.append(f"adapter_model.safetensors: {module}: lora_A and lora_B must come in pairs")
                 continue
-            rank = next((v for k, v in rank_pattern.items() if re.search(k, module)), r)
+            rank = _rank_for(module, rank_pattern, r)
             a, b = parts["lora_A"], parts["lora_B"]
             if a[0] != rank or b[-1] != rank:
                 problems.append(f"adapter_model.safetensors: {module}: rank {a[0]}×{b[-1]} but adapter_config r={rank}")
@@ -342,93 +498,268 @@ def _adapter_tensor_problems(folder: Path) -> list[str]:
             problems.append(f"adapter_model.safetensors: {module}: not among target_modules {targets}")
     return problems
 
-def verify_artifact(path: str | Path, base_location: str | Path | None = None) -> list[str]:
-    "Every problem with an artifact, one line each; `[]` means complete, untampered and consistent."
-    folder = Path(path)
-    if not folder.is_dir():
-        return [f"{folder}: no such artifact folder"]
-    problems = [f"{name}: missing" for name in REQUIRED_FILES if not (folder / name).exists()]
-    try:
-        recorded = json.loads((folder / "checksums.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return problems + [f"checksums.json: unreadable ({e})"]
-    present = {p.name for p in folder.iterdir() if p.name != "checksums.json"}
-    problems += [f"{n}: unexpected file (not in checksums.json)" for n in sorted(present - set(recorded))]
-    for name, digest in sorted(recorded.items()):
-        p = folder / name
-        if not p.is_file():
-            if name not in REQUIRED_FILES: problems.append(f"{name}: missing (listed in checksums.json)")
-        elif sha256_file(p) != digest:
-            problems.append(f"{name}: sha256 mismatch (file changed after the artifact was written)")
-    if (folder / "adapter_config.json").exists() and (folder / "adapter_model.safetensors").exists():
-        problems += _adapter_tensor_problems(folder)
-    if base_location is not None and (folder / "metadata.json").exists():
-        problems += _base_problems(folder, Path(base_location))
+def _consistency_problems(adapter_cfg: dict | None, meta: dict | None, train_cfg: dict | None) -> list[str]:
+    "adapter_config.json against what metadata.json recorded, and the base every file names."
+    problems = []
+    if adapter_cfg is not None and meta is not None:
+        recorded = meta["adapter"]
+        for k in ADAPTER_RECORD_KEYS:
+            if _norm(adapter_cfg.get(k)) != _norm(recorded.get(k)):
+                problems.append(f"adapter_config.json: {k}: {adapter_cfg.get(k)!r} but metadata.json recorded {recorded.get(k)!r}")
+    if meta is not None and train_cfg is not None:
+        named = (train_cfg.get("model") or {}).get("base_model") if isinstance(train_cfg.get("model"), dict) else None
+        if named != meta["base_model"]["spec"]:
+            problems.append(f"training_config.yaml: model.base_model: {named!r} is not the base metadata.json records "
+                            f"({meta['base_model']['spec']!r})")
     return problems
 
-def _base_problems(folder: Path, base: Path) -> list[str]:
+def _norm(v):
+    return sorted(v) if isinstance(v, list) else v
+
+def verify_artifact(path: str | Path, base_location: str | Path | None = None, *,
+                    keys: str | Path | None = None) -> list[str]:
+    """Every problem with an artifact, one line each; `[]` means complete, untampered, consistent and signed by a
+    trusted key. Nothing in the folder is trusted before it is checked: no pickle is opened, no symlink followed."""
+    folder = Path(path)
+    if folder.is_symlink():
+        return [f"{folder}: the artifact folder is a symlink; verify the folder itself"]
+    if not folder.is_dir():
+        return [f"{folder}: no such artifact folder"]
+    problems = _file_problems(folder)
+    problems += [f"{name}: missing" for name in REQUIRED_FILES
+                 if name != SIGNATURE_FILE and not (folder / name).exists() and not (folder / name).is_symlink()]
+    readable = lambda n: (folder / n).is_file() and not (folder / n).is_symlink()
+    parsed = {}
+    for name in (*SCHEMAS, "training_config.yaml", *(n for n in OPTIONAL_FILES if n.endswith(".json"))):
+        if not readable(name):
+            continue
+        value, problem = _read_structured(folder, name)
+        if problem is None and name in SCHEMAS:
+            problem = _schema_problem(name, value, SCHEMAS[name])
+        if problem is None and name == "training_config.yaml":
+            problem = _training_config_problem(value)
+        if problem:
+            problems.append(problem)
+        else:
+            parsed[name] = value
+            problems += _remote_code_problems(name, value)
+    recorded = parsed.get("checksums.json")
+    if recorded is not None:
+        allowed = set(REQUIRED_FILES) | set(OPTIONAL_FILES)
+        present = {p.name for p in folder.iterdir() if p.name not in ("checksums.json", SIGNATURE_FILE)}
+        problems += [f"{n}: unexpected file (not in checksums.json)" for n in sorted(present - set(recorded))
+                     if n in allowed and readable(n)]
+        for name, digest in sorted(recorded.items()):
+            p = folder / name
+            if name not in allowed or name in ("checksums.json", SIGNATURE_FILE):
+                problems.append(f"checksums.json: lists {name!r}, which is not an artifact file")
+            elif not readable(name):
+                if name not in REQUIRED_FILES: problems.append(f"{name}: missing (listed in checksums.json)")
+            elif sha256_file(p) != digest:
+                problems.append(f"{name}: sha256 mismatch (file changed after the artifact was written)")
+    if not (folder / SIGNATURE_FILE).is_symlink():   # a symlinked signature is already reported above
+        problems += check_signature(folder, keys)[0]
+    if "adapter_config.json" in parsed and readable("adapter_model.safetensors"):
+        problems += _adapter_tensor_problems(folder, parsed["adapter_config.json"])
+    problems += _consistency_problems(parsed.get("adapter_config.json"), parsed.get("metadata.json"),
+                                      parsed.get("training_config.yaml"))
+    if base_location is not None and "metadata.json" in parsed:
+        problems += _base_problems(parsed["metadata.json"], Path(base_location))
+    return list(dict.fromkeys(problems))
+
+def _training_config_problem(value) -> str | None:
+    "training_config.yaml must be a valid adapterlab configuration (keys newer than the artifact filled from defaults)."
+    from adapterlab.config import ConfigError, build_dataclass, load_layer, merge_layers, params_dir, Layer
+    if not isinstance(value, dict):
+        return f"training_config.yaml: expected a mapping of keys, got {type(value).__name__}"
     try:
-        recorded = json.loads((folder / "metadata.json").read_text())["base_model"]["weight_files"]
-    except (OSError, json.JSONDecodeError, KeyError) as e:
-        return [f"metadata.json: no base-model hashes ({e})"]
-    found = {p.name: sha256_file(p) for p in sorted(base.glob("*.safetensors"))}
+        merged, origin = merge_layers([load_layer(params_dir() / "defaults.yaml"), Layer("training_config.yaml", value)])
+        build_dataclass(Config, merged, origin)
+    except ConfigError as e:
+        lines = str(e).splitlines()
+        first = (lines[1] if len(lines) > 1 else lines[0]).strip()
+        return first if first.startswith("training_config.yaml") else f"training_config.yaml: {first}"
+    return None
+
+def _base_problems(meta: dict, base: Path) -> list[str]:
+    "The base folder's weight files against the hashes metadata.json recorded: same names, same bytes, none extra."
+    recorded = meta["base_model"]["weight_files"]
+    if not base.is_dir():
+        return [f"base model {base}: not a folder, its weight hashes cannot be checked"]
+    found = {p.name: p for p in sorted(base.glob("*.safetensors")) if p.is_file()}
     problems = []
     for f in recorded:
         if f["name"] not in found:
             problems.append(f"base model {base}: weight file {f['name']} not found")
-        elif found[f["name"]] != f["sha256"]:
+        elif sha256_file(found[f["name"]]) != f["sha256"]:
             problems.append(f"base model {base}: {f['name']} differs from the one this adapter was trained on")
+    names = {f["name"] for f in recorded}
+    problems += [f"base model {base}: weight file {n} is not among those this adapter was trained on"
+                 for n in found if n not in names]
     return problems
 
+
 # %% ../../nbs/06_artifact.ipynb #da76e209
+def _recorded_base_location(folder: Path) -> str | None:
+    "The local folder of the base an artifact records (its recorded location, else its spec resolved here), if any."
+    try:
+        base = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))["base_model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    loc = base.get("location") if isinstance(base, dict) else None
+    if isinstance(loc, str) and Path(loc).is_dir():
+        return loc
+    try:
+        from adapterlab.models import resolve_model
+        source = resolve_model(str(base.get("spec")))
+        return source.location if source.local else None
+    except Exception:   # not resolvable on this machine: the loader reports what it cannot find
+        return None
+
+def _loaded_base_location(base_model) -> str | None:
+    "The folder the in-memory base was loaded from, when it was a local folder."
+    name = getattr(getattr(base_model, "config", None), "_name_or_path", None)
+    return name if isinstance(name, str) and name and Path(name).is_dir() else None
+
+def _base_fit_problems(folder: Path, base_model) -> list[str]:
+    "Every adapted module must exist in the base it is loaded on, with the in/out sizes its LoRA matrices expect."
+    from safetensors import safe_open
+    modules = dict(base_model.named_modules())
+    problems = []
+    with safe_open(folder / "adapter_model.safetensors", framework="pt") as f:
+        shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    for key, shape in sorted(shapes.items()):
+        m = _LORA_KEY.match(key)
+        if not m or (m.group("kind") or m.group("kind2")) not in ("lora_A", "lora_B"):
+            continue
+        module = m.group("module") or m.group("module2")
+        target = modules.get(module) or modules.get(module.removeprefix("base_model.model."))
+        if target is None:
+            problems.append(f"adapter_model.safetensors: {module}: no such module in the base model it is loaded on")
+            continue
+        kind = m.group("kind")
+        size = getattr(target, "in_features" if kind == "lora_A" else "out_features", None)
+        got = shape[-1] if kind == "lora_A" else shape[0]
+        if isinstance(size, int) and size != got:
+            problems.append(f"adapter_model.safetensors: {key}: expects {got} {'inputs' if kind == 'lora_A' else 'outputs'}, "
+                            f"the base module has {size}")
+    return list(dict.fromkeys(problems))
+
+def loading_problems(path: str | Path, base_model=None) -> list[str]:
+    """Everything that must hold before an artifact is loaded: `verify_artifact` with the base's weight hashes (the
+    folder `base_model` was loaded from, else the recorded base), the run's record of the artifact, and the fit of
+    every adapted module to `base_model`."""
+    folder = Path(path)
+    base_loc = (_loaded_base_location(base_model) if base_model is not None else None) or _recorded_base_location(folder)
+    problems = verify_artifact(folder, base_loc) + record_problems(folder)
+    if base_model is not None and not problems:
+        problems += _base_fit_problems(folder, base_model)
+    return problems
+
+def require_verified(path: str | Path, base_model=None, what: str = "load") -> Path:
+    "Raise `ArtifactError` listing every problem unless the artifact passes `loading_problems`."
+    folder = Path(path)
+    if problems := loading_problems(folder, base_model):
+        raise ArtifactError(f"{folder}: refusing to {what} an artifact that fails verification: " + "; ".join(problems))
+    return folder
+
 def load_verified_adapter(path: str | Path, base_model=None, *, adapter_name: str = "default", is_trainable: bool = False):
     "Verify an artifact, then load it onto `base_model` (or the base its metadata names). Refuses a bad artifact."
     from peft import PeftModel
-    folder = Path(path)
-    meta = json.loads((folder / "metadata.json").read_text()) if (folder / "metadata.json").exists() else {}
-    base_loc = (meta.get("base_model") or {}).get("location")
-    check_base = base_loc if base_loc and Path(base_loc).is_dir() else None
-    if problems := verify_artifact(folder, check_base):
-        raise ArtifactError(f"{folder}: refusing to load an artifact that fails verification:\n  " + "\n  ".join(problems))
+    folder = require_verified(path, base_model)
     if base_model is None:
         base_model = _load_base_for(folder)
+        require_verified(folder, base_model)
+    if isinstance(base_model, PeftModel):   # a second adapter on a base that already carries one
+        base_model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
+        return base_model
     return PeftModel.from_pretrained(base_model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
 
 def _load_base_for(folder: Path):
+    "The base a verified artifact records, loaded with remote code off whatever any file says."
     from adapterlab.config import config_from_dict
     from adapterlab.models import load_base_model
     cfg = config_from_dict(yaml.safe_load((folder / "training_config.yaml").read_text()))
+    cfg.model.trust_remote_code = False
     model, _, _ = load_base_model(cfg)
     return model
 
 def update_artifact_metrics(path: str | Path, updates: dict) -> dict:
-    "Merge `updates` into training_metrics.json of a verified artifact and re-write its checksums."
+    "Merge `updates` into training_metrics.json of a verified artifact, re-write its checksums, re-sign, re-record."
     folder = Path(path)
-    if problems := verify_artifact(folder):
-        raise ArtifactError(f"{folder}: will not update an artifact that fails verification:\n  " + "\n  ".join(problems))
+    if problems := verify_artifact(folder) + record_problems(folder):
+        raise ArtifactError(f"{folder}: will not update an artifact that fails verification: " + "; ".join(problems))
     metrics = json.loads((folder / "training_metrics.json").read_text())
     metrics.update(redact_secrets(updates))
     tmp = folder / ".training_metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     tmp.replace(folder / "training_metrics.json")
     _write_checksums(folder)
+    signer = sign_folder(folder)
+    if (folder.parent / RUN_RECORD).exists():
+        record_artifact(folder, signer)
     return metrics
 
+
 # %% ../../nbs/06_artifact.ipynb #73f49226
+def verify_run(run: str | Path) -> list[str]:
+    "Every artifact of a run folder against its signature, its checks, the base it names and the run's `artifacts.json`."
+    run = Path(run)
+    if not (run / RUN_RECORD).exists():
+        return [f"{run}: no {RUN_RECORD}: this run recorded no artifact digests"]
+    try:
+        recorded = json.loads((run / RUN_RECORD).read_text(encoding="utf-8"))
+        assert isinstance(recorded, dict)
+    except (OSError, ValueError, AssertionError):
+        return [f"{run / RUN_RECORD}: unreadable or not a mapping"]
+    problems = []
+    folders = sorted(p.name for p in run.iterdir() if re.fullmatch(r"artifact(-v\d+)?", p.name) or p.name in recorded)
+    for name in folders:
+        folder = run / name
+        if name not in recorded:
+            problems.append(f"{name}: not recorded in the run's {RUN_RECORD} (not written by this run)")
+            continue
+        here = loading_problems(folder) if folder.exists() else [f"{name}: recorded in {RUN_RECORD} but missing"]
+        try:
+            meta = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
+            if meta.get("run_id") != run.name:
+                here.append(f"{name}: metadata.json says run {meta.get('run_id')!r}, this run is {run.name!r}")
+        except (OSError, ValueError, AttributeError):
+            pass
+        problems += [p if p.startswith(name) else f"{name}/{p}" for p in here]
+    return problems
+
 def _cmd_verify(args) -> int:
+    if args.run:
+        from adapterlab.pipeline import find_run
+        run = find_run(args.run)
+        problems = verify_run(run)
+        for p in problems:
+            print(f"{run}: {p}")
+        if not problems:
+            names = sorted(json.loads((run / RUN_RECORD).read_text()))
+            print(f"{run}: verified {len(names)} artifact(s) ({', '.join(names)}): signatures, checks, base hashes, "
+                  f"and the digests the run recorded")
+        return 1 if problems else 0
+    if not args.path:
+        raise ArtifactError("verify: give an artifact folder, or --run RUN")
     base = None
     if args.base:
         from adapterlab.models import resolve_model
         base = resolve_model(args.base).location
-    problems = verify_artifact(args.path, base)
+    problems = verify_artifact(args.path, base) + record_problems(args.path)
     for p in problems:
         print(f"{args.path}: {p}")
     if not problems:
-        print(f"{args.path}: verified ({len(json.loads((Path(args.path) / 'checksums.json').read_text()))} files)")
+        signer = check_signature(args.path)[1]
+        print(f"{args.path}: verified ({len(json.loads((Path(args.path) / 'checksums.json').read_text()))} files), "
+              f"signed by {signer}")
     return 1 if problems else 0
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("verify", help="check an adapter artifact: files, checksums, tensors, base model")
-    p.add_argument("path", help="artifact folder")
+    p = subparsers.add_parser("verify", help="check an adapter artifact: files, checksums, signature, tensors, base model")
+    p.add_argument("path", nargs="?", help="artifact folder")
     p.add_argument("--base", help="base model (embedded:NAME, folder, .gguf) whose weight hashes must match")
+    p.add_argument("--run", metavar="RUN", help="verify every artifact of a run (id or folder) and the digests it recorded")
     p.set_defaults(func=_cmd_verify)
+

@@ -21,8 +21,8 @@ COMMANDS = {
     "runs": ("adapterlab.pipeline", "list runs with their status and key metrics", ["adapterlab runs"]),
     "train": ("adapterlab.train", "train a LoRA adapter (the train stage alone)",
               ["adapterlab train -f ci", "adapterlab train --run-dir outputs/runs/RUN_ID --resume"]),
-    "verify": ("adapterlab.artifact", "check an adapter artifact: files, checksums, tensors, base model",
-               ["adapterlab verify outputs/runs/RUN_ID/artifact",
+    "verify": ("adapterlab.artifact", "check an adapter artifact: files, checksums, signature, tensors, base model",
+               ["adapterlab verify outputs/runs/RUN_ID/artifact", "adapterlab verify --run RUN_ID",
                 "adapterlab verify outputs/runs/RUN_ID/artifact --base embedded:smollm2-135m-instruct"]),
     "data": ("adapterlab.data", "validate and convert training data",
              ["adapterlab data check sample:json_contacts/train.jsonl", "adapterlab data export chroma:PATH?collection=NAME out.jsonl"]),
@@ -49,6 +49,8 @@ COMMANDS = {
                  ['adapterlab generate outputs/runs/RUN_ID/artifact --prompt "Extract the contact: ..."']),
     "docs": ("adapterlab.docs", "build the docs site; README.md from nbs/index.ipynb",
              ["adapterlab docs build", "adapterlab docs readme --check"]),
+    "keys": ("adapterlab.signing", "show the local signing key and the trusted keys, or trust a public key",
+             ["adapterlab keys", "adapterlab keys trust colleague.pub --name alice"]),
 }
 
 def _module_exists(name: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -21,12 +22,12 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 # %% auto #0
-__all__ = ['SECTIONS', 'project_root', 'params_dir', 'spec', 'ModelConfig', 'LoraConfig', 'DataConfig', 'TrainConfig', 'HwConfig',
-           'EvalConfig', 'QueueConfig', 'PreferenceConfig', 'TrackingConfig', 'OutputConfig', 'Config',
-           'AdapterlabError', 'ConfigError', 'Layer', 'load_layer', 'overrides_layer', 'merge_layers',
-           'build_dataclass', 'find_params_file', 'resolve_config', 'HardwareError', 'check_hardware', 'config_to_dict',
-           'config_from_dict', 'runs_root', 'new_run_id', 'make_run_dir', 'save_config', 'load_run_config',
-           'quiet_stage_output', 'injected_sections', 'open_run']
+__all__ = ['NAME_PATTERN', 'SECTIONS', 'project_root', 'params_dir', 'spec', 'ModelConfig', 'LoraConfig', 'DataConfig',
+           'TrainConfig', 'HwConfig', 'EvalConfig', 'QueueConfig', 'PreferenceConfig', 'TrackingConfig', 'OutputConfig',
+           'Config', 'AdapterlabError', 'ConfigError', 'RunNotFound', 'Layer', 'load_layer', 'overrides_layer',
+           'merge_layers', 'build_dataclass', 'find_params_file', 'resolve_config', 'HardwareError', 'check_hardware',
+           'redact_secrets', 'config_to_dict', 'config_from_dict', 'runs_root', 'new_run_id', 'make_run_dir',
+           'save_config', 'load_run_config', 'quiet_stage_output', 'injected_sections', 'open_run']
 
 # %% ../../nbs/00_config.ipynb #a79fcff1
 def project_root() -> Path:
@@ -44,14 +45,19 @@ def params_dir() -> Path:
 
 # %% ../../nbs/00_config.ipynb #26d42b1c
 def spec(doc: str, *, ge: float | None = None, le: float | None = None, gt: float | None = None,
-         lt: float | None = None, choices: tuple | None = None) -> Any:
+         lt: float | None = None, choices: tuple | None = None, pattern: str | None = None) -> Any:
     "A schema field with its meaning and valid range; no default: defaults live in `params/defaults.yaml`."
-    return field(metadata=dict(doc=doc, ge=ge, le=le, gt=gt, lt=lt, choices=choices))
+    return field(metadata=dict(doc=doc, ge=ge, le=le, gt=gt, lt=lt, choices=choices, pattern=pattern))
+
+# names that become part of a run folder's name: one path component, no leading dot
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.\-]*"
 
 @dataclass
 class ModelConfig:
     base_model: str = spec("`embedded:NAME`, a local folder, a `.gguf` file, or a hub id (online users only)")
-    trust_remote_code: bool = spec("run model code from the hub; off unless you trust the source")
+    trust_remote_code: bool = spec("run model code from the hub: never (adapterlab loads safetensors with built-in "
+                                   "architectures only); kept so a config that asks for it is refused, not ignored",
+                                   choices=(False,))
 
 @dataclass
 class LoraConfig:
@@ -91,7 +97,7 @@ class TrainConfig:
 
 @dataclass
 class HwConfig:
-    name: str = spec("profile name, recorded in provenance")
+    name: str = spec("profile name, recorded in provenance and in run folder names", pattern=NAME_PATTERN)
     device: str = spec("where to train", choices=("cpu", "cuda"))
     dtype: str = spec("dtype of the unquantized weights", choices=("float32", "bfloat16", "float16"))
     quantization: str = spec("base-weight quantization", choices=("none", "nf4", "fp4"))
@@ -165,7 +171,7 @@ class OutputConfig:
 
 @dataclass
 class Config:
-    experiment: str = spec("experiment name; must match its file name")
+    experiment: str = spec("experiment name; must match its file name", pattern=NAME_PATTERN)
     seed: int = spec("seed for data order, LoRA init and sampling", ge=0)
     model: ModelConfig = spec("base model")
     lora: LoraConfig = spec("adapter shape")
@@ -185,6 +191,9 @@ class AdapterlabError(Exception):
 class ConfigError(AdapterlabError, ValueError):
     "A parameter problem, reported as `file:line: key: problem`."
 
+class RunNotFound(AdapterlabError, FileNotFoundError):
+    "A run id or folder that names no run."
+
 @dataclass
 class Layer:
     "One YAML layer: where it came from, its values, and the line of every dotted key."
@@ -196,13 +205,17 @@ class Layer:
         line = self.lines.get(key)
         return f"{self.source}:{line}" if line else self.source
 
-def _key_lines(node, prefix: str = "") -> dict:
+def _key_lines(node, prefix: str = "", source: str = "") -> dict:
+    "`{dotted key: line}`; a key written twice in one mapping is an error naming both lines (YAML keeps the last silently)."
     lines = {}
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
             dotted = f"{prefix}{k.value}"
+            if dotted in lines:
+                raise ConfigError(f"{source}:{k.start_mark.line + 1}: {dotted}: duplicate key (also at line {lines[dotted]}); "
+                                  f"keep one")
             lines[dotted] = k.start_mark.line + 1
-            lines.update(_key_lines(v, dotted + "."))
+            lines.update(_key_lines(v, dotted + ".", source))
     return lines
 
 def _display_path(path: Path) -> str:
@@ -215,7 +228,17 @@ def load_layer(path: str | Path) -> Layer:
     shown = _display_path(path)
     if not path.exists():
         raise ConfigError(f"{shown}: no such parameter file")
-    text = path.read_text(encoding="utf-8")
+    if path.is_dir():
+        raise ConfigError(f"{shown}: is a folder, not a parameter file")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{shown}: unreadable ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{shown}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
     try:
         values = yaml.safe_load(text) or {}
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -225,7 +248,7 @@ def load_layer(path: str | Path) -> Layer:
         raise ConfigError(f"{shown}{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{shown}:1: expected a mapping of keys, got {type(values).__name__}")
-    return Layer(shown, values, _key_lines(node))
+    return Layer(shown, values, _key_lines(node, source=shown))
 
 # %% ../../nbs/00_config.ipynb #85720a17
 def overrides_layer(overrides: list[str] | dict | None, source: str = "override") -> Layer:
@@ -241,11 +264,23 @@ def overrides_layer(overrides: list[str] | dict | None, source: str = "override"
         if "=" not in item:
             raise ConfigError(f"{source}: {item!r}: expected section.key=value")
         key, raw = item.split("=", 1)
+        key = key.strip()
         node = values
-        *parents, leaf = key.strip().split(".")
-        for p in parents:
+        *parents, leaf = key.split(".")
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw)
+            if not isinstance(node, dict):
+                above = ".".join(parents[:i + 1])
+                raise ConfigError(f"{source}: {key}: '{above}' was already set to {node!r} by an earlier override; "
+                                  f"set either '{above}' or keys inside it")
+        if isinstance(node.get(leaf), dict):
+            raise ConfigError(f"{source}: {key}: keys inside '{key}' were already set by an earlier override; "
+                              f"set either '{key}' or keys inside it")
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: {key}: value {raw!r} is not valid YAML ({getattr(e, 'problem', e)}); "
+                              f"quote text, e.g. {key}='\"...\"'") from None
     return Layer(source, values)
 
 # %% ../../nbs/00_config.ipynb #678602c0
@@ -303,13 +338,15 @@ def _type_name(tp) -> str:
 def _range_problem(value, meta: dict) -> str | None:
     if meta.get("choices") and value not in meta["choices"]:
         return f"must be one of {', '.join(map(str, meta['choices']))}; got {value!r}"
+    if isinstance(value, str) and meta.get("pattern") and not re.fullmatch(meta["pattern"], value):
+        return f"must be a plain name (letters, digits, '_', '.', '-'; no '/'), got {value!r}"
     if not isinstance(value, (int, float)) or isinstance(value, bool): return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number; got {value!r}"
     for op, bound, ok in (("≥", meta.get("ge"), lambda a, b: a >= b), ("≤", meta.get("le"), lambda a, b: a <= b),
                           (">", meta.get("gt"), lambda a, b: a > b), ("<", meta.get("lt"), lambda a, b: a < b)):
         if bound is not None and not ok(value, bound):
             return f"must be {op} {bound}; got {value!r}"
-    if isinstance(value, float) and value != value:
-        return "must be a number; got NaN"
     return None
 
 def build_dataclass(cls: type, values: dict, origin: dict | None = None, prefix: str = "", problems: list | None = None):
@@ -347,6 +384,8 @@ def build_dataclass(cls: type, values: dict, origin: dict | None = None, prefix:
             problems.append(f"{where(dotted)}: {dotted}: {msg}")
             continue
         kwargs[name] = float(value) if tp is float else value
+    if own and len(problems) == 1:
+        raise ConfigError(problems[0])
     if own and problems:
         raise ConfigError("invalid parameters:\n  " + "\n  ".join(problems))
     if problems: return None
@@ -358,6 +397,11 @@ def find_params_file(kind: str, name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
         return p if p.is_absolute() or p.exists() else project_root() / p
+    if p.is_dir():
+        raise ConfigError(f"{name_or_path}: is a folder; give a {kind.rstrip('s')} name (params/{kind}/NAME.yaml) or a YAML file")
+    if not re.fullmatch(NAME_PATTERN, str(name_or_path)):
+        raise ConfigError(f"params/{kind}: {str(name_or_path)!r} is not a {kind} name; give a name from params/{kind} "
+                          f"or a path ending in .yaml")
     candidate = params_dir() / kind / f"{name_or_path}.yaml"
     if not candidate.exists():
         known = sorted(x.stem for x in (params_dir() / kind).glob("*.yaml"))
@@ -371,9 +415,30 @@ def resolve_config(experiment: str | Path = "json_contacts", hw: str | Path = "c
     "Merge defaults ← experiment ← hw profile ← overrides and validate; returns the config and each key's origin."
     return _resolve(experiment, hw, overrides)
 
+def _check_kind(layer: Layer, kind: str) -> None:
+    "A hardware profile holds only its `hw` section; an experiment names itself and is not empty."
+    if kind == "hw":
+        if "hw" not in layer.values:
+            raise ConfigError(f"{layer.source}:1: hw: missing; a hardware profile is one `hw:` section"
+                              + (" (this file is an experiment: pass it with -f)" if "experiment" in layer.values else ""))
+        if others := [k for k in layer.values if k != "hw"]:
+            raise ConfigError(f"{layer.where(str(others[0]))}: {others[0]}: not allowed in a hardware profile, which is "
+                              f"one `hw:` section" + (" (this file is an experiment: pass it with -f)"
+                                                     if "experiment" in layer.values else ""))
+    else:
+        if not layer.values:
+            raise ConfigError(f"{layer.source}:1: experiment: the experiment file is empty; it must at least name "
+                              f"itself (experiment: {Path(layer.source).stem})")
+        if "experiment" not in layer.values:
+            hint = " (this file is a hardware profile: pass it with --hw)" if set(layer.values) == {"hw"} else ""
+            raise ConfigError(f"{layer.source}:1: experiment: missing; an experiment file names itself "
+                              f"(experiment: {Path(layer.source).stem}){hint}")
+
 def _resolve(experiment, hw, overrides, injected: dict | None = None) -> tuple[Config, dict]:
     exp_layer = load_layer(find_params_file("experiments", experiment))
+    _check_kind(exp_layer, "experiments")
     hw_layer = load_layer(find_params_file("hw", hw))
+    _check_kind(hw_layer, "hw")
     layers = [load_layer(params_dir() / "defaults.yaml"), exp_layer,
               overrides_layer(injected, "papermill -f parameters"), hw_layer, overrides_layer(overrides)]
     merged, origin = merge_layers(layers)
@@ -411,6 +476,23 @@ def check_hardware(cfg: Config, origin: dict | None = None) -> None:
             f"{where}: hw profile '{cfg.hw.name}' needs a CUDA GPU, but torch {torch.__version__} sees none. "
             f"Use `hw=cpu`, or keep this profile's settings on the CPU with the override `hw.device=cpu`.")
 
+# %% ../../nbs/00_config.ipynb #7559d30a
+_SECRET_VALUE = re.compile(r"(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_\-]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}"
+                           r"|AKIA[0-9A-Z]{16}|xox[abpr]-[A-Za-z0-9\-]{10,}|eyJ[A-Za-z0-9_\-]{10,}\.[A-Za-z0-9_\-]{10,})")
+# whole words only: `hf_token` and `api_key` are secrets, `max_new_tokens` and `train_tokens` are not
+_SECRET_KEY = re.compile(r"(^|[_\-])(token|secret|password|passwd|api[_\-]?key|apikey|credentials?|auth)([_\-]|$)", re.I)
+
+def redact_secrets(obj):
+    "Recursively blank values under secret-looking keys and substrings shaped like tokens."
+    if isinstance(obj, dict):
+        return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) and isinstance(v, str) and v else redact_secrets(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact_secrets(v) for v in obj]
+    if isinstance(obj, str):
+        return _SECRET_VALUE.sub("<redacted>", obj)
+    return obj
+
 # %% ../../nbs/00_config.ipynb #17a7ab4b
 def config_to_dict(cfg: Config) -> dict:
     "Plain nested dict of a config (for YAML/JSON)."
@@ -444,10 +526,10 @@ def make_run_dir(cfg: Config, run_id: str | None = None) -> Path:
     raise RuntimeError(f"{root}: too many runs named {base}")
 
 def save_config(cfg: Config, run_dir: Path, origin: dict | None = None) -> Path:
-    "Snapshot the resolved config (and where each value came from) into the run folder."
+    "Snapshot the resolved config (and where each value came from) into the run folder, token-shaped strings redacted."
     run_dir = Path(run_dir)
     path = run_dir / "params.yaml"
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    path.write_text(yaml.safe_dump(redact_secrets(config_to_dict(cfg)), sort_keys=False), encoding="utf-8")
     if origin:
         (run_dir / "params_origin.yaml").write_text(yaml.safe_dump(dict(sorted(origin.items()))), encoding="utf-8")
     return path

@@ -225,11 +225,11 @@ def find_run(run_id: str | Path) -> Path:
     p = Path(run_id)
     if p.is_dir() and (p / "params.yaml").exists():
         return p
-    from adapterlab.config import resolve_config
+    from adapterlab.config import RunNotFound, resolve_config
     cfg, _ = resolve_config("json_contacts", "cpu")
     d = runs_root(cfg) / str(run_id)
     if not (d / "params.yaml").exists():
-        raise FileNotFoundError(f"{run_id}: no such run (looked in {runs_root(cfg)}); `adapterlab runs` lists them")
+        raise RunNotFound(f"{run_id}: no such run (looked in {runs_root(cfg)}); `adapterlab runs` lists them")
     return d
 
 class _Heartbeat:

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 
 import adapterlab
 from .artifact import (ArtifactError, load_verified_adapter, package_versions, redact_secrets,
-                                 verify_artifact)
+                                 require_verified, verify_artifact)
 from .config import Config, build_dataclass, load_layer, merge_layers, params_dir
 from .models import ModelSource, load_base_model, sha256_file, torch_dtype
 
@@ -29,7 +29,7 @@ __all__ = ['CHECK_TEXTS', 'VLLM_DEFAULT_MAX_LORA_RANK', 'artifact_config', 'serv
 # %% ../../nbs/12_serve.ipynb #f30fa6c0
 def artifact_config(artifact: str | Path) -> Config:
     "The configuration an artifact was trained with, keys added to the schema since then at their defaults."
-    folder = Path(artifact)
+    folder = require_verified(artifact, what="use")   # nothing is read from an artifact that fails verification
     path = folder / "training_config.yaml"
     if not path.exists():
         raise ArtifactError(f"{folder}: training_config.yaml: missing; is this an adapterlab artifact?")
@@ -190,7 +190,7 @@ def _named(artifacts) -> list[tuple[str, Path]]:
         name, sep, path = str(item).partition("=")
         if not sep or not name or "/" in name:  # a plain path (which may itself contain '=')
             name, path = "", str(item)
-        out.append((name or artifact_name(Path(path), {n for n, _ in out}), Path(path)))
+        out.append((name or artifact_name(require_verified(path, what="use"), {n for n, _ in out}), Path(path)))
     return out
 
 def artifact_name(artifact: Path, taken: set[str] = frozenset()) -> str:
@@ -234,7 +234,7 @@ class AdapterSet:
 
     def add(self, name: str, artifact: str | Path) -> None:
         "Verify an artifact and load it as adapter `name` (the active adapter does not change, except for the first)."
-        folder = Path(artifact)
+        folder = require_verified(artifact, self.model)
         if name in self.artifacts:
             raise ValueError(f"adapter name {name!r} is already taken by {self.artifacts[name]}")
         identity = _base_identity(folder)
@@ -242,14 +242,7 @@ class AdapterSet:
             first = next(iter(self.artifacts.values()))
             raise ArtifactError(f"{folder}: trained on a different base model than {first} (weight file hashes differ); "
                                 f"adapters can only share a base they were trained on")
-        if not self.artifacts:
-            self.model = load_verified_adapter(folder, self.model, adapter_name=name)
-        else:
-            location = self.source.location if self.source.local else None
-            if problems := verify_artifact(folder, location):
-                raise ArtifactError(f"{folder}: refusing to load an artifact that fails verification:\n  "
-                                    + "\n  ".join(problems))
-            self.model.load_adapter(str(folder), adapter_name=name)
+        self.model = load_verified_adapter(folder, self.model, adapter_name=name)
         self.model.eval()
         self._base = identity
         self.artifacts[name] = folder
