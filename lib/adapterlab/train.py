@@ -18,7 +18,7 @@ from .compat import build_sft_trainer
 from .config import Config, ConfigError, check_hardware
 from .data import PreparedData, load_prepared, prepare_data, weighted_sampler
 from .models import load_base_model
-from .plan import gib
+from .plan import gib, with_resolved_dtypes
 
 # %% auto #0
 __all__ = ['seed_everything', 'lora_config', 'attach_lora', 'sft_settings', 'weighted_trainer_class', 'plain_lm_head',
@@ -251,6 +251,7 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False, plan=Fa
     `plan_training` (with the config it fitted), or False to make it here."""
     run_dir = Path(run_dir)
     check_hardware(cfg)
+    cfg = with_resolved_dtypes(cfg)   # hw.dtype `auto` → what this machine trains in; the artifact records it
     if plan is False:
         cfg, plan = plan_training(cfg, run_dir)
     seed_everything(cfg.seed, cfg.train.deterministic)
