@@ -65,13 +65,26 @@ DEFAULT_LOSS_TOL = 0.10     # relative: |eval loss − reference| / reference
 # ---------------------------------------------------------------------------------------------------------------
 # What this machine can run
 # ---------------------------------------------------------------------------------------------------------------
+# What trying them in throwaway venvs on 2026-12-02 gave (the driver prints these with its own finding)
+LIGER_TRIED = ("in a throwaway venv, liger-kernel 0.8.5 + triton 3.9.0 install and import, and the kernel fails on "
+               "CPU tensors with `RuntimeError: 0 active drivers ([]). There should only be one.` (Triton has no "
+               "CPU backend; Liger's kernels are Triton kernels)")
+LLAMAFACTORY_TRIED = (
+    "llamafactory 0.9.5 pins transformers<=5.6.0, trl<=0.24.0, peft<=0.18.1, accelerate<=1.11.0, datasets<=4.0.0 and "
+    "needs torchaudio/torchvision, against this project's transformers 5.24, trl 1.16, peft 0.21: in a throwaway venv "
+    "`pip install llamafactory` was still downloading a CUDA torch stack (2.5 GB of nvidia-*/triton wheels) at the "
+    "10-minute limit, and `pip install --no-deps llamafactory` over the project's stack fails to import "
+    "(`ModuleNotFoundError: No module named 'torchaudio'`)")
+
+
 def liger_status() -> str | None:
     "None when liger-kernel imports and its fused linear cross-entropy runs on CPU tensors; else the exact reason."
     try:
         import liger_kernel  # noqa: F401
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except Exception as e:
-        return f"liger-kernel does not import here: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return (f"liger-kernel does not import here ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                + LIGER_TRIED)
     try:
         import torch
         x, w = torch.randn(8, 16, requires_grad=True), torch.randn(32, 16)
@@ -84,8 +97,7 @@ def liger_status() -> str | None:
 
 def llamafactory_status(python: str | None) -> str | None:
     if not python:
-        return ("not run: pass --llamafactory-python (a throwaway venv with `pip install llamafactory`); "
-                "see bench/RESULTS.md for what installing it did on this machine")
+        return LLAMAFACTORY_TRIED + "; pass --llamafactory-python (a venv where it imports) to check again"
     r = subprocess.run([python, "-c", "import llamafactory; print(llamafactory.__version__)"], capture_output=True,
                        text=True)
     if r.returncode:
@@ -248,7 +260,7 @@ def yardstick_eval_loss(trained, cfg, source, tok, eval_ds) -> float:
     return eval_loss(fresh, tok, eval_ds)
 
 
-def worker(arm: str, steps: int, threads: int | None) -> int:
+def worker(arm: str, steps: int, threads: int | None, eval_rows: int | None = None) -> int:
     "One arm: build, say READY, train step by step on the driver's go, then report."
     import resource
     import torch
@@ -259,6 +271,8 @@ def worker(arm: str, steps: int, threads: int | None) -> int:
     if threads:
         torch.set_num_threads(threads)
     model, tok, train_ds, eval_ds, cfg, source = load_everything(arm)
+    if eval_rows:
+        eval_ds = eval_ds.select(range(min(eval_rows, len(eval_ds))))
     n_params = sum(p.numel() for p in model.parameters())
     weight_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     with tempfile.TemporaryDirectory() as out:
@@ -290,10 +304,12 @@ def worker(arm: str, steps: int, threads: int | None) -> int:
 # Driver: one process per arm, steps taken in turn, then the table
 # ---------------------------------------------------------------------------------------------------------------
 class Arm:
-    def __init__(self, name: str, steps: int, threads: int | None):
+    def __init__(self, name: str, steps: int, threads: int | None, eval_rows: int | None = None):
         cmd = [sys.executable, __file__, "--worker", name, "--steps", str(steps)]
         if threads:
             cmd += ["--threads", str(threads)]
+        if eval_rows:
+            cmd += ["--eval-rows", str(eval_rows)]
         self.name, self.steps_data = name, []
         self.err = tempfile.TemporaryFile(mode="w+")
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True,
@@ -335,11 +351,11 @@ def measure_peaks(n: int = 2048, repeats: int = 5) -> dict:
     return {dt: matmul_gflops(dt, n=n, repeats=repeats) for dt in ("float32", "bfloat16")}
 
 
-def one_repeat(names: list[str], steps: int, warmup: int, threads: int | None, log) -> list[dict]:
+def one_repeat(names: list[str], steps: int, warmup: int, threads: int | None, log, eval_rows=None) -> list[dict]:
     arms = []
     try:
         for name in names:        # one at a time: building is not timed, but it should not slow a neighbour's start
-            arms.append(Arm(name, steps, threads))
+            arms.append(Arm(name, steps, threads, eval_rows))
             arms[-1].expect("READY")
         for i in range(steps):
             for arm in arms:
@@ -487,6 +503,8 @@ def main(argv=None) -> int:
     ap.add_argument("--llamafactory-python", default=None, help="python of a venv with llamafactory installed")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--write-results", action="store_true", help="append a dated table to bench/RESULTS.md")
+    ap.add_argument("--eval-rows", type=int, default=None,
+                    help="evaluate on the first N eval examples only (a quick check of the code path; default: all)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     raw = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(raw)
@@ -494,7 +512,7 @@ def main(argv=None) -> int:
     if args.steps <= args.warmup:
         ap.error("--steps must exceed --warmup")
     if args.worker:
-        return worker(args.worker, args.steps, args.threads)
+        return worker(args.worker, args.steps, args.threads, args.eval_rows)
     sys.path.insert(0, str(ROOT / "lib"))
     log = lambda m: print(m, file=sys.stderr, flush=True)
     names = ALL_ARMS if args.arms == "all" else args.arms.split(",")
@@ -512,7 +530,7 @@ def main(argv=None) -> int:
     repeats = []
     for k in range(args.repeats):
         log(f"repeat {k + 1}/{args.repeats}: {', '.join(runnable)}")
-        repeats.append(one_repeat(runnable, args.steps, args.warmup, args.threads, log))
+        repeats.append(one_repeat(runnable, args.steps, args.warmup, args.threads, log, args.eval_rows))
     after = measure_peaks()
     peaks = {k: max(peaks[k], after[k]) for k in peaks}
     load_after, wall = load_avg(), time.perf_counter() - t0
@@ -544,12 +562,14 @@ def main(argv=None) -> int:
         section = results_markdown(args, mach, peaks, summary, skipped, lines, load_before, load_after, wall)
         marker = "## CPU: adapterlab vs the best TRL a competent user would write"
         if marker not in text:
-            text = text.replace("## CPU: adapterlab's train step vs bare TRL",
+            text = text.replace("## CPU: adapterlab's train step vs bare TRL",   # first run: a new section above
                                 marker + " — `python bench/cpu_vs_trl.py`\n\n" + section +
                                 "\n## CPU: adapterlab's train step vs bare TRL", 1)
         else:
-            text = text.replace(marker + " — `python bench/cpu_vs_trl.py`\n\n",
-                                marker + " — `python bench/cpu_vs_trl.py`\n\n" + section + "\n", 1)
+            head, _, rest = text.partition(marker)
+            end = rest.find("\n## ") + 1 or len(rest)            # this section ends at the next `## `
+            intro_end = rest.find("\n### ", 0, end) + 1 or end    # its dated tables start at the first `### `
+            text = head + marker + rest[:intro_end] + section + "\n" + rest[intro_end:]   # newest first
         path.write_text(text)
         print(f"\nappended to {path}")
     return 0
