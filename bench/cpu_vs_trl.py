@@ -509,10 +509,10 @@ def main(argv=None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(raw)
     args.argv = raw
-    if args.steps <= args.warmup:
-        ap.error("--steps must exceed --warmup")
     if args.worker:
         return worker(args.worker, args.steps, args.threads, args.eval_rows)
+    if args.steps <= args.warmup:
+        ap.error("--steps must exceed --warmup")
     sys.path.insert(0, str(ROOT / "lib"))
     log = lambda m: print(m, file=sys.stderr, flush=True)
     names = ALL_ARMS if args.arms == "all" else args.arms.split(",")
