@@ -158,7 +158,8 @@ def test_artifact_loads_in_plain_peft(ci_run):
     location = meta["base_model"]["location"]
     assert location == resolve_model(meta["base_model"]["spec"]).location
     tok = AutoTokenizer.from_pretrained(location)
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32), artifact)
+    dtype = getattr(torch, artifact_config(artifact).hw.dtype)   # the base dtype the artifact recorded (cpu: auto)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(location, dtype=dtype), artifact)
     ours = load_verified_adapter(artifact)
     assert (_logits(plain, tok) - _logits(ours, tok)).abs().max() < 1e-5
 

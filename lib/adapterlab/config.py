@@ -99,10 +99,11 @@ class TrainConfig:
 class HwConfig:
     name: str = spec("profile name, recorded in provenance and in run folder names", pattern=NAME_PATTERN)
     device: str = spec("where to train", choices=("cpu", "cuda"))
-    dtype: str = spec("dtype of the unquantized weights", choices=("float32", "bfloat16", "float16"))
+    dtype: str = spec("dtype of the unquantized weights; auto = bfloat16 where the device has fast bf16, else float32 "
+                      "(adapterlab.plan.resolve_dtype)", choices=("auto", "float32", "bfloat16", "float16"))
     quantization: str = spec("base-weight quantization", choices=("none", "nf4", "fp4"))
     double_quant: bool = spec("quantize the 4-bit quantization constants too (QLoRA)")
-    compute_dtype: str = spec("dtype of 4-bit matmuls", choices=("float32", "bfloat16", "float16"))
+    compute_dtype: str = spec("dtype of 4-bit matmuls; auto as for dtype", choices=("auto", "float32", "bfloat16", "float16"))
     batch_size: int = spec("micro-batch per device", ge=1)
     grad_accum: int = spec("micro-batches per optimizer step", ge=1)
     gradient_checkpointing: bool = spec("recompute activations in backward to save memory")

@@ -133,9 +133,10 @@ def quantization_config(cfg: Config):
     if cfg.hw.quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
+    from adapterlab.plan import resolve_dtype
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.hw.quantization,
                               bnb_4bit_use_double_quant=cfg.hw.double_quant,
-                              bnb_4bit_compute_dtype=torch_dtype(cfg.hw.compute_dtype))
+                              bnb_4bit_compute_dtype=torch_dtype(resolve_dtype(cfg, "compute_dtype")))
 
 def _offline_hint(source: ModelSource, err: Exception) -> ModelNotFound:
     return ModelNotFound(f"{source.spec}: not a local folder, and loading it from the hub failed "
@@ -159,7 +160,8 @@ def load_base_model(cfg: Config, source: ModelSource | None = None):
     from transformers import AutoModelForCausalLM
     source = source or resolve_model(cfg.model.base_model)
     tok = load_tokenizer(source, cfg)
-    kwargs = dict(dtype=torch_dtype(cfg.hw.dtype), trust_remote_code=cfg.model.trust_remote_code)
+    from adapterlab.plan import resolve_dtype   # hw.dtype `auto`: bf16 where the device has it
+    kwargs = dict(dtype=torch_dtype(resolve_dtype(cfg)), trust_remote_code=cfg.model.trust_remote_code)
     if (q := quantization_config(cfg)) is not None:
         kwargs["quantization_config"] = q
         kwargs["device_map"] = {"": 0} if cfg.hw.device == "cuda" else {"": "cpu"}

@@ -16,11 +16,10 @@ from .compat import build_sft_trainer, sft_settings
 from .config import Config, ConfigError
 from .data import PreparedData, load_prepared, prepare_data, weighted_sampler
 from .models import ModelSource, load_base_model
-from .plan import gib
+from .plan import gib, with_resolved_dtypes
 from .skeleton import (TrainingSkeleton, latest_checkpoint, memory_table, metrics_callback, plot_loss,
                                  prepare_training, read_metrics, record_memory, seed_everything, summarize_training,
                                  verification_table, write_json)
-
 
 # %% auto #0
 __all__ = ['lora_config', 'attach_lora', 'weighted_trainer_class', 'plain_lm_head', 'completion_loss',
@@ -168,6 +167,7 @@ def setup_training(cfg: Config, run_dir: str | Path, plan=False, record: bool = 
     checksums too when `record`) and the trainer."""
     run_dir = Path(run_dir)
     prepare_training(cfg)
+    cfg = with_resolved_dtypes(cfg)   # hw.dtype `auto` → what this machine trains in; the artifact records it
     skeleton = TrainingSkeleton(run_dir, cfg=cfg)
     if plan is False:
         cfg, plan = plan_training(cfg, run_dir, write=skeleton.is_main)
