@@ -56,7 +56,7 @@ def _comparable(line: str) -> str:
 def test_malformed_corpus_one_precise_error_per_bad_line(tok, monkeypatch, capsys):
     monkeypatch.chdir(FIXTURES)
     expected = (FIXTURES / "expected_errors.txt").read_text(encoding="utf-8").splitlines()
-    rc = check_files(["malformed.jsonl"], tokenizer=tok, max_length=256, too_long="error")
+    rc = check_files(["malformed.jsonl"], tokenizer=tok, max_length=256, too_long="error", max_weight=1000)
     out, err = capsys.readouterr()
     got = out.splitlines()
     assert rc == 1
@@ -65,17 +65,17 @@ def test_malformed_corpus_one_precise_error_per_bad_line(tok, monkeypatch, capsy
         assert got == expected
     lines = [int(l.split(":")[1]) for l in got]
     assert len(lines) == len(set(lines)), "more than one error for a line"
-    assert f"85 records: 14 good, {len(expected)} bad" in err
+    assert f"89 records: 14 kept, {len(expected)} bad" in err
 
 
 def test_malformed_corpus_keeps_every_good_line(tok):
-    r = read_source(FIXTURES / "malformed.jsonl", tokenizer=tok, max_length=256)
+    r = read_source(FIXTURES / "malformed.jsonl", tokenizer=tok, max_length=256, max_weight=1000)
     good_ids = (FIXTURES / "expected_good_ids.txt").read_text().split()
     assert [e.meta["id"] for e in r.examples] == good_ids
-    assert r.lines == 87 and r.blank_lines == 2 and len(r.rejects) == 71
+    assert r.lines == 91 and r.blank_lines == 2 and len(r.rejects) == 75
     bad_lines = {int(x.line) for x in r.rejects}
     kept_lines = {int(e.source.rsplit(":", 1)[1]) for e in r.examples}
-    assert not bad_lines & kept_lines and len(bad_lines | kept_lines) == 85
+    assert not bad_lines & kept_lines and len(bad_lines | kept_lines) == 89
     by_id = {e.meta["id"]: e for e in r.examples}
     assert by_id["good-1"].messages[0]["role"] == "system"  # the BOM did not break line 1
     assert "日本" in by_id["good-8"].messages[0]["content"] and "\u2028" in by_id["good-9"].messages[0]["content"]
@@ -192,7 +192,8 @@ def test_prepare_data_writes_everything_and_is_deterministic(tmp_path, tok):
     assert rejects[1]["problem"] == f"exact duplicate of {src}:1"
     st = a.stats
     assert st["inputs"]["train"]["records"] == 42 and st["inputs"]["train"]["rejected"] == 1
-    assert st["duplicates_removed"] == 1 and st["split"] == {"seed": cfg.seed, "val_fraction": 0.25, "train": 30, "val": 10}
+    assert st["duplicates_removed"] == 1 and st["split"] == {"seed": cfg.seed, "val_fraction": 0.25, "train": 30, "val": 10,
+                                                             "train_turns": 30}
     assert st["tokens"]["train"]["count"] == 30 and st["tokens"]["train"]["max"] <= cfg.hw.max_seq_length
     assert st["inputs"]["eval"]["valid"] == 48 and st["eval_overlap_with_train"] == 0
     assert (tmp_path / "a/data/lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -338,8 +339,8 @@ def test_data_check_cli(tmp_path, capsys):
     assert run_cli("data", "check", "--no-length", str(good), str(bad)) == 1
     out, err = capsys.readouterr()
     assert out == f'{bad}:1: weight: expected a number, got a string "heavy"\n'
-    assert "checked 4 records in 2 file(s): 1 bad" in err
-    assert run_cli("data", "check", "--no-length", str(tmp_path / "missing.jsonl")) == 1
+    assert "checked 4 records in 2 source(s): 1 bad" in err
+    assert run_cli("data", "check", "--no-length", str(tmp_path / "missing.jsonl")) == 2   # unreadable: exit 2
     assert "no such data file" in capsys.readouterr().out
 
 

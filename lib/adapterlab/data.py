@@ -621,15 +621,15 @@ def read_table(spec: str | Path, *, name: str | None = None, format: str = "auto
         _add_record(result, f"row {n}", rec, json.dumps(rec, ensure_ascii=False, default=str), opts)
     return _no_records(result)
 
-def read_source(spec: str | Path, **kwargs) -> ReadResult:
+def read_source(spec: str | Path, name: str | None = None, **kwargs) -> ReadResult:
     "A data spec (JSONL, another table file, a saved folder, a hub id, `sample:`, `chroma:`) → `ReadResult`."
     if str(spec).startswith(CHROMA_PREFIX):
         kwargs.pop("max_weight", None)
-        return read_chroma(str(spec), **kwargs)
+        return read_chroma(str(spec), name=name, **kwargs)
     path = None if str(spec).startswith(HUB_PREFIX) else resolve_data_path(spec)
     if path is not None and path.suffix.lower() in LINE_SUFFIXES:
-        return read_jsonl(path, name=display_name(spec), **kwargs)
-    return read_table(spec, name=display_name(spec), **kwargs)
+        return read_jsonl(path, name=name or display_name(spec), **kwargs)
+    return read_table(spec, name=name or display_name(spec), **kwargs)
 
 # %% ../../nbs/03_data.ipynb #63680a87
 def load_examples(spec: str | Path, *, format: str = "auto", system_prompt: str | None = None,
@@ -1004,11 +1004,12 @@ def check_files(paths: Sequence[str], *, format: str = "auto", tokenizer=None, m
     out, err = out or sys.stdout, err or sys.stderr
     n_bad = n_records = n_fatal = 0
     for p in paths:
-        try:
-            r = read_source(p, format=format, tokenizer=tokenizer, max_length=max_length, too_long=too_long,
+        local = not p.startswith((SAMPLE_PREFIX, CHROMA_PREFIX, HUB_PREFIX)) and os.path.lexists(p)
+        try:  # a path on the command line is relative to the current folder, and named as typed
+            r = read_source(os.path.abspath(p) if local else p, name=p, format=format, tokenizer=tokenizer, max_length=max_length, too_long=too_long,
                             max_weight=max_weight)
         except DataError as e:
-            print(str(e) if str(e).startswith(p) or str(e).startswith(display_name(p)) else f"{p}: {e}", file=out)
+            print(str(e) if str(e).startswith(p) else f"{p}: {e}", file=out)
             n_fatal += 1
             continue
         _, dups = screen(r, dedup)
