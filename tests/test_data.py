@@ -435,3 +435,22 @@ def test_each_format_normalises_and_trains(tmp_path, base_model, fixture, fmt):
             assert second["prompt"][1]["name"] == "ann"
     finally:
         model.unload()                    # the shared base model, without this test's adapter, for the next format
+
+
+def test_convert_writes_normalised_records_that_read_back(tmp_path):
+    out = tmp_path / "sharegpt.jsonl"
+    assert run_cli("data", "convert", str(FORMATS_DIR / "sharegpt.json"), str(out)) == 0
+    original, converted = load_examples(FORMATS_DIR / "sharegpt.json"), load_examples(out)
+    assert [e.messages for e in converted] == [e.messages for e in original] and len(converted) == 32
+    assert json.loads(out.read_text().splitlines()[0])["messages"][1] == {"role": "user", "content": "Opposite of hot?"}
+    with pytest.raises(DataError, match="looks like a Parquet file"):   # a wrong type is refused here too
+        shutil.copy(FORMATS_DIR / "prompt_completion.parquet", tmp_path / "p.jsonl")
+        run_cli("data", "convert", str(tmp_path / "p.jsonl"), str(tmp_path / "o.jsonl"))
+
+
+def test_implicit_and_explicit_preference_give_the_same_pairs():
+    "The preference stage reads an implicit-prompt file (two transcripts) as the explicit one."
+    from adapterlab.preference import read_pairs
+    implicit, explicit = read_pairs(FORMATS_DIR / "preference_implicit.jsonl"), read_pairs(FORMATS_DIR / "preference.jsonl")
+    assert [(p.prompt, p.chosen, p.rejected) for p in implicit] == [(p.prompt, p.chosen, p.rejected) for p in explicit]
+    assert len(implicit) == 32 and implicit[0].chosen == "cold"

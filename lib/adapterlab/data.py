@@ -30,9 +30,9 @@ __all__ = ['SAMPLE_PREFIX', 'CHROMA_PREFIX', 'BAD_KINDS', 'ROLES', 'SHAREGPT_ROL
            'FORMAT_ALIASES', 'TOOL_REFUSAL', 'LINE_SUFFIXES', 'TABLE_BUILDERS', 'HUB_PREFIX', 'MIN_EXPECTED_COUNT',
            'CITE_INSTRUCTION', 'resolve_data_path', 'display_name', 'Example', 'to_prompt_completion',
            'to_prompt_completions', 'Reject', 'RecordProblem', 'DataError', 'iter_lines', 'decode_line', 'parse_object',
-           'check_weight', 'check_clean', 'canonical_format', 'detect_format', 'normalise_record', 'count_tokens',
-           'truncate_answer', 'ReadResult', 'read_jsonl', 'sniff_file', 'check_data_file', 'load_table', 'read_table',
-           'read_source', 'load_examples', 'example_key', 'remove_duplicates', 'screen', 'split_examples',
+           'check_weight', 'check_clean', 'canonical_format', 'detect_format', 'explicit_prompt', 'normalise_record',
+           'count_tokens', 'truncate_answer', 'ReadResult', 'read_jsonl', 'sniff_file', 'check_data_file', 'load_table',
+           'read_table', 'read_source', 'load_examples', 'example_key', 'remove_duplicates', 'screen', 'split_examples',
            'weighted_sampler', 'chi2_sf', 'chi_square', 'weight_classes', 'sampler_check', 'length_summary',
            'class_labels', 'weight_stats', 'plot_data_stats', 'PreparedData', 'write_jsonl', 'prepare_data',
            'load_prepared', 'parse_chroma_spec', 'chroma_collection', 'grounded_example', 'read_chroma', 'check_files',
@@ -363,6 +363,18 @@ def _from_preference(rec: dict, max_weight=None) -> tuple[list[dict], float, set
     if chosen == rejected:
         raise RecordProblem("rejected", "is the same answer as chosen; a pair needs two different answers")
     return prompt + chosen, _weight(rec, max_weight), {"prompt", "chosen", "weight"}
+
+def explicit_prompt(rec: dict) -> dict:
+    """A preference record with an implicit prompt (two transcripts) → `{prompt, chosen, rejected, ...}` with the
+    answers as single assistant turns (what the preference stage reads); other records are returned as they are."""
+    if "prompt" in rec or not all(isinstance(rec.get(k), list) for k in ("chosen", "rejected")):
+        return rec
+    msgs, _, _ = _from_preference(rec)
+    c, r = _messages(rec["chosen"], "chosen"), _messages(rec["rejected"], "rejected")
+    n = len(msgs) - 1
+    if len(c) - n != 1 or len(r) - n != 1:
+        raise RecordProblem("chosen", "an implicit prompt must leave one answer turn in each transcript")
+    return {**rec, "prompt": c[:n], "chosen": c[n:], "rejected": r[n:]}
 
 def _from_instruction(rec: dict, max_weight=None) -> tuple[list[dict], float, set]:
     instruction = _text(rec, "instruction")
