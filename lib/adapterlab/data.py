@@ -32,11 +32,11 @@ __all__ = ['SAMPLE_PREFIX', 'CHROMA_PREFIX', 'BAD_KINDS', 'ROLES', 'SHAREGPT_ROL
            'to_prompt_completions', 'Reject', 'RecordProblem', 'DataError', 'iter_lines', 'decode_line', 'parse_object',
            'check_weight', 'check_clean', 'canonical_format', 'detect_format', 'explicit_prompt', 'normalise_record',
            'count_tokens', 'truncate_answer', 'ReadResult', 'read_jsonl', 'sniff_file', 'check_data_file', 'load_table',
-           'read_table', 'read_source', 'load_examples', 'example_key', 'remove_duplicates', 'screen', 'split_examples',
-           'weighted_sampler', 'chi2_sf', 'chi_square', 'weight_classes', 'sampler_check', 'length_summary',
-           'class_labels', 'weight_stats', 'plot_data_stats', 'PreparedData', 'write_jsonl', 'prepare_data',
-           'load_prepared', 'parse_chroma_spec', 'chroma_collection', 'grounded_example', 'read_chroma', 'check_files',
-           'to_record', 'convert', 'add_cli']
+           'read_table', 'source_sha256', 'read_source', 'load_examples', 'example_key', 'remove_duplicates', 'screen',
+           'split_examples', 'weighted_sampler', 'chi2_sf', 'chi_square', 'weight_classes', 'sampler_check',
+           'length_summary', 'class_labels', 'weight_stats', 'plot_data_stats', 'PreparedData', 'write_jsonl',
+           'prepare_data', 'load_prepared', 'parse_chroma_spec', 'chroma_collection', 'grounded_example', 'read_chroma',
+           'check_files', 'to_record', 'convert', 'add_cli']
 
 # %% ../../nbs/03_data.ipynb #742880dd
 SAMPLE_PREFIX = "sample:"
@@ -632,6 +632,17 @@ def read_table(spec: str | Path, *, name: str | None = None, format: str = "auto
         rec = _drop_nulls(dict(row))
         _add_record(result, f"row {n}", rec, json.dumps(rec, ensure_ascii=False, default=str), opts)
     return _no_records(result)
+
+def source_sha256(path: str | Path) -> str:
+    "sha256 of a data file, or of a saved dataset folder (each file's relative path and bytes, in sorted order)."
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        if path.is_dir(): h.update(p.relative_to(path).as_posix().encode() + b"\0")
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
+    return h.hexdigest()
 
 def read_source(spec: str | Path, name: str | None = None, **kwargs) -> ReadResult:
     "A data spec (JSONL, another table file, a saved folder, a hub id, `sample:`, `chroma:`) → `ReadResult`."
