@@ -542,6 +542,8 @@ def sniff_file(path: Path) -> tuple[str, str | None]:
     if text.startswith(b"{"):
         try: json.loads(first); return "JSON Lines", ".jsonl"
         except ValueError: return "a JSON document", ".json"
+    if any(l.lstrip().startswith(b"{") for l in text.split(b"\n")[1:]):
+        return "JSON Lines", ".jsonl"   # a first line that is broken or not an object: the line reader says which
     if b"," in first or b"\t" in first: return "CSV/TSV text", ".csv"
     return "plain text", None
 
@@ -610,7 +612,7 @@ def load_table(spec: str | Path, name: str):
                 raise DataError(f"{name}: no records (a header, no rows)") from None
             raise _datasets_error(name, builder, e) from None
     hub = spec[len(HUB_PREFIX):] if spec.startswith(HUB_PREFIX) else spec
-    if not _HUB_ID.match(hub):
+    if not _HUB_ID.match(hub) or Path(hub.partition(":")[0]).suffix.lower() in (*LINE_SUFFIXES, *TABLE_BUILDERS):
         raise DataError(f"{name}: no such data file")
     repo, _, split = hub.partition(":")
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0"):
