@@ -551,7 +551,7 @@ def generate_predictions(model, tokenizer, examples: Sequence[Example], cfg: Con
                               kw["eos_token_id"] in toks)
             bar.update(len(batch))
     nll = (reference_nll(model, tokenizer, examples, cfg.eval.batch_size, f"{desc} perplexity")
-           if "perplexity" in cfg.eval.metrics else None)
+           if "perplexity" in expand_metrics(cfg.eval.metrics, examples=examples) else None)  # `auto` included
     records = []
     for i, ex in enumerate(examples):
         prompt, reference = prompts[i]
