@@ -20,7 +20,7 @@ SECRET = "root:x:0:0:this line must never be copied anywhere"
 def data_check(*args, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "adapterlab.cli", "data", "check", "--no-length", *map(str, args)],
-                          capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
 def _parquet(tmp):
