@@ -1087,7 +1087,7 @@ def add_cli(subparsers) -> None:
     formats = ("auto", *FORMATS, *FORMAT_ALIASES)
     def common(c):
         c.add_argument("--format", choices=formats, default=None, help="record format (default: data.format)")
-        c.add_argument("--experiment", default="ci", help="experiment whose parameters to apply")
+        c.add_argument("-f", "--experiment", default="json_contacts", help="experiment whose parameters to apply")
         c.add_argument("--hw", default="cpu", help="hardware profile (sets hw.max_seq_length)")
         c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="parameter override")
     c = sub.add_parser("check", help="one FILE:LINE: field: problem line per bad record; exit 1 if any, 2 if unreadable")
