@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,7 @@ def _comparable(line: str) -> str:
 def test_malformed_corpus_one_precise_error_per_bad_line(tok, monkeypatch, capsys):
     monkeypatch.chdir(FIXTURES)
     expected = (FIXTURES / "expected_errors.txt").read_text(encoding="utf-8").splitlines()
-    rc = check_files(["malformed.jsonl"], tokenizer=tok, max_length=256, too_long="error")
+    rc = check_files(["malformed.jsonl"], tokenizer=tok, max_length=256, too_long="error", max_weight=1000)
     out, err = capsys.readouterr()
     got = out.splitlines()
     assert rc == 1
@@ -65,17 +66,17 @@ def test_malformed_corpus_one_precise_error_per_bad_line(tok, monkeypatch, capsy
         assert got == expected
     lines = [int(l.split(":")[1]) for l in got]
     assert len(lines) == len(set(lines)), "more than one error for a line"
-    assert f"85 records: 14 good, {len(expected)} bad" in err
+    assert f"89 records: 14 kept, {len(expected)} bad" in err
 
 
 def test_malformed_corpus_keeps_every_good_line(tok):
-    r = read_source(FIXTURES / "malformed.jsonl", tokenizer=tok, max_length=256)
+    r = read_source(FIXTURES / "malformed.jsonl", tokenizer=tok, max_length=256, max_weight=1000)
     good_ids = (FIXTURES / "expected_good_ids.txt").read_text().split()
     assert [e.meta["id"] for e in r.examples] == good_ids
-    assert r.lines == 87 and r.blank_lines == 2 and len(r.rejects) == 71
+    assert r.lines == 91 and r.blank_lines == 2 and len(r.rejects) == 75
     bad_lines = {int(x.line) for x in r.rejects}
     kept_lines = {int(e.source.rsplit(":", 1)[1]) for e in r.examples}
-    assert not bad_lines & kept_lines and len(bad_lines | kept_lines) == 85
+    assert not bad_lines & kept_lines and len(bad_lines | kept_lines) == 89
     by_id = {e.meta["id"]: e for e in r.examples}
     assert by_id["good-1"].messages[0]["role"] == "system"  # the BOM did not break line 1
     assert "日本" in by_id["good-8"].messages[0]["content"] and "\u2028" in by_id["good-9"].messages[0]["content"]
@@ -192,7 +193,8 @@ def test_prepare_data_writes_everything_and_is_deterministic(tmp_path, tok):
     assert rejects[1]["problem"] == f"exact duplicate of {src}:1"
     st = a.stats
     assert st["inputs"]["train"]["records"] == 42 and st["inputs"]["train"]["rejected"] == 1
-    assert st["duplicates_removed"] == 1 and st["split"] == {"seed": cfg.seed, "val_fraction": 0.25, "train": 30, "val": 10}
+    assert st["duplicates_removed"] == 1 and st["split"] == {"seed": cfg.seed, "val_fraction": 0.25, "train": 30, "val": 10,
+                                                             "train_turns": 30}
     assert st["tokens"]["train"]["count"] == 30 and st["tokens"]["train"]["max"] <= cfg.hw.max_seq_length
     assert st["inputs"]["eval"]["valid"] == 48 and st["eval_overlap_with_train"] == 0
     assert (tmp_path / "a/data/lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -338,8 +340,8 @@ def test_data_check_cli(tmp_path, capsys):
     assert run_cli("data", "check", "--no-length", str(good), str(bad)) == 1
     out, err = capsys.readouterr()
     assert out == f'{bad}:1: weight: expected a number, got a string "heavy"\n'
-    assert "checked 4 records in 2 file(s): 1 bad" in err
-    assert run_cli("data", "check", "--no-length", str(tmp_path / "missing.jsonl")) == 1
+    assert "checked 4 records in 2 source(s): 1 bad" in err
+    assert run_cli("data", "check", "--no-length", str(tmp_path / "missing.jsonl")) == 2   # unreadable: exit 2
     assert "no such data file" in capsys.readouterr().out
 
 
@@ -369,3 +371,86 @@ def test_stage_notebook_writes_the_run_data(tmp_path):
         assert (run_dir / "data" / name).exists(), name
     prep = load_prepared(run_dir)
     assert len(prep.train) == 216 and len(prep.val) == 24 and (run_dir / "params.yaml").exists()
+
+
+# --- every format trains (issue 14) -----------------------------------------------------------------------------------
+
+FORMATS_DIR = Path(__file__).parent / "fixtures" / "formats"
+FORMAT_CASES = [  # fixture (tests/fixtures/formats, written by make_formats.py), the format auto-detection must find
+    ("text.jsonl", "text"), ("messages.jsonl", "messages"), ("sharegpt.json", "sharegpt"),
+    ("prompt_completion.parquet", "prompt_completion"), ("prompt_completion_conversational.jsonl", "prompt_completion"),
+    ("preference.jsonl", "preference"), ("preference_implicit.jsonl", "preference"), ("alpaca.csv", "instruction"),
+    ("feedback.jsonl", "feedback"), ("messages_saved", "messages"),
+]
+
+
+def test_format_fixtures_are_what_their_generator_writes(tmp_path):
+    shutil.copy(FORMATS_DIR / "make_formats.py", tmp_path)
+    subprocess.run([sys.executable, str(tmp_path / "make_formats.py")], check=True, capture_output=True)
+    for name in ("text.jsonl", "messages.jsonl", "sharegpt.json", "prompt_completion_conversational.jsonl",
+                 "preference.jsonl", "preference_implicit.jsonl", "feedback.jsonl", "eval.jsonl", "alpaca.csv"):
+        assert (tmp_path / name).read_bytes() == (FORMATS_DIR / name).read_bytes(), name
+    from datasets import Dataset, load_from_disk
+    assert Dataset.from_parquet(str(tmp_path / "prompt_completion.parquet")).to_list() == \
+        Dataset.from_parquet(str(FORMATS_DIR / "prompt_completion.parquet")).to_list()
+    assert load_from_disk(str(tmp_path / "messages_saved")).to_list() == load_from_disk(str(FORMATS_DIR / "messages_saved")).to_list()
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    from adapterlab.models import load_base_model
+    cfg, _ = resolve_config("ci", "cpu")
+    model, tokenizer, _ = load_base_model(cfg)
+    return model, tokenizer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture, fmt", FORMAT_CASES, ids=[c[0] for c in FORMAT_CASES])
+def test_each_format_normalises_and_trains(tmp_path, base_model, fixture, fmt):
+    """Each format's fixture through the data stage and two real optimizer steps of the train module's trainer on
+    the embedded model: the LoRA weights move, the loss is finite, and every assistant turn is a training row."""
+    import torch
+    from adapterlab.compat import build_sft_trainer
+    from adapterlab.train import attach_lora, sft_settings, trainer_class
+    base, tok = base_model
+    cfg = cfg_for(tmp_path, f"data.train={FORMATS_DIR / fixture}", f"data.eval={FORMATS_DIR / 'eval.jsonl'}",
+                  "data.val_fraction=0", "train.max_steps=2", "hw.batch_size=4", "hw.grad_accum=1")
+    prep = prepare_data(cfg, tmp_path / "run", tok)
+    st = prep.stats
+    assert st["inputs"]["train"]["formats"] == {fmt: st["inputs"]["train"]["records"]} and st["inputs"]["train"]["rejected"] == 0
+    assert len(prep.train) == st["split"]["train_turns"] >= st["split"]["train"] >= 24
+    rows = prep.train.to_list()
+    assert all(r["completion"][0]["role"] == "assistant" and r["prompt"][-1]["role"] != "assistant" for r in rows)
+    model = attach_lora(base, cfg)
+    try:
+        settings = {**sft_settings(cfg, tmp_path / "run"), "save_strategy": "no", "logging_steps": 1, "report_to": []}
+        trainer = build_sft_trainer(model, tok, prep.train, settings, trainer_cls=trainer_class(cfg, prep.train))
+        lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+        out = trainer.train()
+        assert trainer.state.global_step == 2 and math.isfinite(out.training_loss) and out.training_loss > 0
+        assert any(not torch.equal(p, lora_b[n]) for n, p in model.named_parameters() if n in lora_b)
+        if fixture == "messages.jsonl":   # multi-turn: the second turn's row has the first exchange as its prompt
+            second = next(r for r in rows if len(r["prompt"]) == 4)
+            assert [m["role"] for m in second["prompt"]] == ["system", "user", "assistant", "user"]
+            assert second["prompt"][1]["name"] == "ann"
+    finally:
+        model.unload()                    # the shared base model, without this test's adapter, for the next format
+
+
+def test_convert_writes_normalised_records_that_read_back(tmp_path):
+    out = tmp_path / "sharegpt.jsonl"
+    assert run_cli("data", "convert", str(FORMATS_DIR / "sharegpt.json"), str(out)) == 0
+    original, converted = load_examples(FORMATS_DIR / "sharegpt.json"), load_examples(out)
+    assert [e.messages for e in converted] == [e.messages for e in original] and len(converted) == 32
+    assert json.loads(out.read_text().splitlines()[0])["messages"][1] == {"role": "user", "content": "Opposite of hot?"}
+    with pytest.raises(DataError, match="looks like a Parquet file"):   # a wrong type is refused here too
+        shutil.copy(FORMATS_DIR / "prompt_completion.parquet", tmp_path / "p.jsonl")
+        run_cli("data", "convert", str(tmp_path / "p.jsonl"), str(tmp_path / "o.jsonl"))
+
+
+def test_implicit_and_explicit_preference_give_the_same_pairs():
+    "The preference stage reads an implicit-prompt file (two transcripts) as the explicit one."
+    from adapterlab.preference import read_pairs
+    implicit, explicit = read_pairs(FORMATS_DIR / "preference_implicit.jsonl"), read_pairs(FORMATS_DIR / "preference.jsonl")
+    assert [(p.prompt, p.chosen, p.rejected) for p in implicit] == [(p.prompt, p.chosen, p.rejected) for p in explicit]
+    assert len(implicit) == 32 and implicit[0].chosen == "cold"

@@ -352,6 +352,7 @@ def test_stage_writes_reports_and_updates_artifact(evaluated_run):
     md = (out / "report.md").read_text()
     assert "| metric | base | adapter | Δ (adapter − base) | 95% CI of Δ | verdict |" in md
     assert md.count("| reference |") == 2 and "| json_validity (0-1, ↑) |" in md
+    assert set(report["metrics"]) <= set(report["metric_selection"]) and "- metrics (eval.metrics " in md  # why each
     assert "Δ (adapter − base)" in out_nb.read_text()  # the notebook shows the report too
     # final metrics land in the artifact, which still verifies (checksums re-signed)
     artifact = run_dir / "artifact"
@@ -371,3 +372,39 @@ def test_evaluate_run_refuses_a_tampered_artifact(trained_run, tmp_path):
     cfg_file.write_text(cfg_file.read_text().replace('"r": 4', '"r": 5'))
     with pytest.raises(ArtifactError, match="adapter_config.json: sha256 mismatch"):
         evaluate_run(run)
+
+
+# --- metrics that fit the task (issue 14) ------------------------------------------------------------------------------
+
+def test_default_metrics_fit_a_plain_text_task():
+    "The defaults on a plain-text eval set report no JSON metric (it used to say json_validity 0 vs 0), and say why."
+    from adapterlab.data import load_examples
+    from adapterlab.eval import select_metrics
+    cfg, _ = resolve_config("ci", "cpu")
+    plain = load_examples(Path(__file__).parent / "fixtures" / "formats" / "eval.jsonl")
+    chosen, why = select_metrics(cfg.eval.metrics, plain, None)
+    assert chosen == ["exact_match", "f1", "rouge_l", "bleu", "perplexity"]
+    assert why["json_validity"] == ("left out by auto: 0 of 8 references are JSON documents (name it in eval.metrics "
+                                    "to report it anyway)")
+    json_task = load_examples("sample:json_contacts/eval.jsonl")
+    chosen, why = select_metrics(cfg.eval.metrics, json_task, None)
+    assert chosen[-1] == "json_validity" and why["json_validity"] == f"auto: all {len(json_task)} references are JSON"
+    # asked for explicitly: reported even on plain text, and the reason says so
+    chosen, why = select_metrics(["exact_match", "json_validity"], plain, None)
+    assert chosen == ["exact_match", "json_validity"] and why["json_validity"] == "asked for in eval.metrics"
+    with pytest.raises(ConfigError, match="unknown metric"):
+        select_metrics(["auto", "nonsense"], plain, None)
+
+
+def test_report_says_which_metrics_and_why():
+    from adapterlab.eval import report_markdown
+    m = {"base": 0.1, "adapter": 0.5, "delta": 0.4, "ci95": [0.1, 0.6], "verdict": "adapter better",
+         "higher_is_better": True, "scale": "0-1"}
+    report = {"run_id": "r", "eval_set": "e.jsonl", "n_examples": 8, "base_model": "b", "artifact": "artifact",
+              "seed": 0, "bootstrap_samples": 10, "truncated": {"base": 0, "adapter": 0}, "examples": [],
+              "generation": {"max_new_tokens": 8, "batch_size": 2, "do_sample": False, "temperature": None},
+              "metrics": {"exact_match": m}, "metric_selection": {"asked": ["auto"],
+              "exact_match": "auto: a text metric, fits every task", "json_validity": "left out by auto: 0 of 8 ..."}}
+    md = report_markdown(report)
+    assert ("- metrics (eval.metrics ['auto']): exact_match: auto: a text metric, fits every task; json_validity: "
+            "left out by auto: 0 of 8 ...") in md

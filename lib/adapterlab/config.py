@@ -71,7 +71,9 @@ class LoraConfig:
 class DataConfig:
     train: str = spec("training JSONL: a path (relative to the project) or `sample:NAME`")
     eval: Optional[str] = spec("held-out eval JSONL with references, same forms as `train`")
-    format: str = spec("record format", choices=("auto", "messages", "instruction", "feedback"))
+    format: str = spec("record format (see the data module); auto: recognised per record",
+                       choices=("auto", "text", "messages", "sharegpt", "prompt_completion", "preference",
+                                "instruction", "feedback", "alpaca", "openai", "conversational"))
     val_fraction: float = spec("share of train held out for validation loss", ge=0, lt=1)
     dedup: bool = spec("drop exact duplicate records")
     too_long: str = spec("what to do with a record longer than hw.max_seq_length",
@@ -79,6 +81,7 @@ class DataConfig:
     max_reject_fraction: float = spec("stop the run if more than this share of records is rejected", ge=0, le=1)
     weighted_sampling: bool = spec("draw examples in proportion to their weight")
     system_prompt: Optional[str] = spec("system message prepended to every conversation that has none")
+    max_weight: float = spec("largest sampling weight a record may have (a bigger one would take most draws)", gt=0)
     sampler_check_draws: int = spec("draws of the chi-square check of the weighted sampler in the data stats; 0 = skip", ge=0)
 
 @dataclass

@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -25,14 +26,17 @@ import adapterlab
 from .config import AdapterlabError, Config, project_root
 
 # %% auto #0
-__all__ = ['SAMPLE_PREFIX', 'CHROMA_PREFIX', 'BAD_KINDS', 'ROLES', 'FORMAT_MARKERS', 'FORMATS', 'MIN_EXPECTED_COUNT',
-           'CITE_INSTRUCTION', 'resolve_data_path', 'display_name', 'Example', 'to_prompt_completion', 'Reject',
-           'RecordProblem', 'DataError', 'iter_lines', 'decode_line', 'parse_object', 'check_weight', 'check_clean',
-           'detect_format', 'normalise_record', 'count_tokens', 'truncate_answer', 'ReadResult', 'read_jsonl',
-           'read_source', 'load_examples', 'example_key', 'remove_duplicates', 'split_examples', 'weighted_sampler',
-           'chi2_sf', 'chi_square', 'weight_classes', 'sampler_check', 'length_summary', 'class_labels', 'weight_stats',
-           'plot_data_stats', 'PreparedData', 'write_jsonl', 'prepare_data', 'load_prepared', 'parse_chroma_spec',
-           'chroma_collection', 'grounded_example', 'read_chroma', 'check_files', 'to_record', 'add_cli']
+__all__ = ['SAMPLE_PREFIX', 'CHROMA_PREFIX', 'BAD_KINDS', 'ROLES', 'SHAREGPT_ROLES', 'FORMAT_MARKERS', 'FORMATS',
+           'FORMAT_ALIASES', 'TOOL_REFUSAL', 'LINE_SUFFIXES', 'TABLE_BUILDERS', 'HUB_PREFIX', 'MIN_EXPECTED_COUNT',
+           'CITE_INSTRUCTION', 'resolve_data_path', 'display_name', 'Example', 'to_prompt_completion',
+           'to_prompt_completions', 'Reject', 'RecordProblem', 'DataError', 'iter_lines', 'decode_line', 'parse_object',
+           'check_weight', 'check_clean', 'canonical_format', 'detect_format', 'explicit_prompt', 'normalise_record',
+           'count_tokens', 'truncate_answer', 'ReadResult', 'read_jsonl', 'sniff_file', 'check_data_file', 'load_table',
+           'read_table', 'source_sha256', 'read_source', 'load_examples', 'example_key', 'remove_duplicates', 'screen',
+           'split_examples', 'weighted_sampler', 'chi2_sf', 'chi_square', 'weight_classes', 'sampler_check',
+           'length_summary', 'class_labels', 'weight_stats', 'plot_data_stats', 'PreparedData', 'write_jsonl',
+           'prepare_data', 'load_prepared', 'parse_chroma_spec', 'chroma_collection', 'grounded_example', 'read_chroma',
+           'check_files', 'to_record', 'convert', 'add_cli']
 
 # %% ../../nbs/03_data.ipynb #742880dd
 SAMPLE_PREFIX = "sample:"
@@ -51,8 +55,8 @@ def display_name(spec: str | Path) -> str:
     spec = str(spec)
     if spec.startswith((SAMPLE_PREFIX, CHROMA_PREFIX)):
         return spec
-    p = resolve_data_path(spec)
-    try: return str(p.resolve().relative_to(project_root()))
+    p = Path(os.path.abspath(resolve_data_path(spec)))  # a link is named as given, never by its target
+    try: return str(p.relative_to(project_root()))
     except ValueError: return str(p)
 
 # %% ../../nbs/03_data.ipynb #6b55b451
@@ -68,6 +72,12 @@ def to_prompt_completion(ex: Example) -> dict:
     "Conversational prompt/completion: TRL then trains on the completion tokens only."
     return {"prompt": ex.messages[:-1], "completion": ex.messages[-1:], "weight": float(ex.weight)}
 
+def to_prompt_completions(ex: Example) -> list[dict]:
+    """One prompt/completion row per assistant turn, the conversation before it as its prompt: every assistant turn
+    of a multi-turn conversation is learnt, no user or system token is."""
+    return [{"prompt": ex.messages[:i], "completion": [m], "weight": float(ex.weight)}
+            for i, m in enumerate(ex.messages) if m["role"] == "assistant" and i > 0]
+
 # %% ../../nbs/03_data.ipynb #7aa19926
 BAD_KINDS = ("invalid", "too_long")
 
@@ -82,6 +92,8 @@ class Reject:
     raw: str = ""                # the line as read (undecodable bytes shown as U+FFFD)
 
     def __str__(self) -> str:
+        if isinstance(self.line, str) and self.line.startswith("row "):  # a table's row: `FILE: row N: ...`
+            return f"{self.file}: {self.line}: {self.field}: {self.problem}"
         return f"{self.file}:{self.line}: {self.field}: {self.problem}"
 
     @property
@@ -159,11 +171,17 @@ def parse_object(text: str) -> dict:
 
 # %% ../../nbs/03_data.ipynb #3afc34a8
 ROLES = ("system", "user", "assistant")
-FORMAT_MARKERS = {"messages": "messages", "instruction": "instruction", "feedback": "query"}
-FORMATS = tuple(FORMAT_MARKERS)
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# marker key → format; a record is recognised by the marker it has (two markers: ambiguous, never guessed)
+FORMAT_MARKERS = {"messages": "messages", "conversations": "sharegpt", "completion": "prompt_completion",
+                  "chosen": "preference", "instruction": "instruction", "query": "feedback", "text": "text"}
+FORMATS = tuple(dict.fromkeys(FORMAT_MARKERS.values()))
+FORMAT_ALIASES = {"alpaca": "instruction", "openai": "messages", "conversational": "messages"}
+TOOL_REFUSAL = ("tool calls are not trained: adapterlab learns text answers, and a tool call's format depends on the "
+                "model's template; flatten the call into the content, or leave the record out")
 
-def check_weight(value: Any, field: str = "weight") -> float:
-    "A usable sampling weight (finite, > 0), or a `RecordProblem` that says why not."
+def check_weight(value: Any, field: str = "weight", max_weight: float | None = None) -> float:
+    "A usable sampling weight (finite, > 0, ≤ `max_weight` when given), or a `RecordProblem` that says why not."
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RecordProblem(field, f"expected a number, got {_type_of(value)} {json.dumps(value)[:40]}")
     if math.isnan(value):
@@ -174,6 +192,9 @@ def check_weight(value: Any, field: str = "weight") -> float:
         raise RecordProblem(field, f"must be > 0, got {value:g}")
     if value == 0:
         raise RecordProblem(field, "must be > 0, got 0 (a weight-0 example is never drawn; delete the record instead)")
+    if max_weight is not None and value > max_weight:
+        raise RecordProblem(field, f"must be ≤ data.max_weight = {max_weight:g}, got {value:g} (one record would "
+                                   "take most of the sampler's draws)")
     return float(value)
 
 def _text(rec: dict, key: str, field: str | None = None, *, required: bool = True, allow_empty: bool = False) -> str | None:
@@ -190,12 +211,18 @@ def _text(rec: dict, key: str, field: str | None = None, *, required: bool = Tru
         raise RecordProblem(field, "is empty")
     return v
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
 def check_clean(value: Any, path: str) -> None:
-    "Every string encodable as UTF-8 and every number finite (JSON allows neither lone surrogates' use nor NaN)."
+    """Every string valid UTF-8 text without control characters (tab, newline and carriage return allowed), every
+    number finite."""
     if isinstance(value, str):
         try: value.encode("utf-8")
         except UnicodeEncodeError as e:
             raise RecordProblem(path, f"contains an unpaired surrogate \\u{ord(value[e.start]):04x}; not valid UTF-8 text") from None
+        if m := _CONTROL.search(value):
+            raise RecordProblem(path, f"contains the control character U+{ord(m.group()):04X} at position {m.start()}; "
+                                      "remove it (only tab, newline and carriage return are allowed in text)")
     elif isinstance(value, float) and not math.isfinite(value):
         raise RecordProblem(path, "must be a finite number, got " + ("NaN" if math.isnan(value) else
                                                                       "-Infinity" if value < 0 else "Infinity"))
@@ -204,78 +231,186 @@ def check_clean(value: Any, path: str) -> None:
     elif isinstance(value, list):
         for i, v in enumerate(value): check_clean(v, f"{path}[{i}]")
 
+def canonical_format(fmt: str) -> str:
+    "`data.format` (or an alias such as `alpaca`) → the format's canonical name; `ValueError` when unknown."
+    fmt = FORMAT_ALIASES.get(fmt, fmt)
+    if fmt != "auto" and fmt not in FORMATS:
+        raise ValueError(f"data.format: unknown format {fmt!r} (known: auto, {', '.join(FORMATS)}; "
+                         f"aliases {', '.join(FORMAT_ALIASES)})")
+    return fmt
+
 def detect_format(rec: dict) -> str:
     "Which format a record is in, from its marker key."
-    found = [fmt for fmt, key in FORMAT_MARKERS.items() if key in rec]
+    found = list(dict.fromkeys(fmt for key, fmt in FORMAT_MARKERS.items() if key in rec))
+    if "rejected" in rec and "preference" not in found:
+        found.append("preference")
     if len(found) == 1:
         return found[0]
     if found:
-        keys = " and ".join(f"'{FORMAT_MARKERS[f]}'" for f in found)
+        keys = " and ".join(f"'{k}'" for k, f in FORMAT_MARKERS.items() if f in found and k in rec)
         raise RecordProblem("(record)", f"ambiguous format: has {keys}; set data.format or keep one")
-    raise RecordProblem("(record)", "unknown format: expected a 'messages' list, an 'instruction' with 'response', "
-                        f"or a 'query' with 'response' and 'weight'; got keys {sorted(rec) or 'none'}")
+    raise RecordProblem("(record)", "unknown format: expected one of 'text', 'messages', 'conversations' (ShareGPT), "
+                        "'prompt'+'completion', 'chosen'+'rejected' (preference), 'instruction'+'output' (alpaca), "
+                        f"'query'+'response'+'weight' (feedback); got keys {sorted(rec) or 'none'}")
 
-def _messages(value: Any) -> list[dict]:
+def _content(m: dict, where: str) -> str:
+    v = m.get("content")
+    if isinstance(v, list):  # OpenAI content parts: text parts are joined, anything else is refused
+        parts = []
+        for j, p in enumerate(v):
+            if not (isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)):
+                kind = p.get("type") if isinstance(p, dict) else _type_of(p)
+                raise RecordProblem(f"{where}.content[{j}]", f"only text parts can be trained, got {kind!r}")
+            parts.append(p["text"])
+        m = {"content": "".join(parts)}
+    return _text(m, "content", f"{where}.content")
+
+def _messages(value: Any, field: str = "messages", *, need_user: bool = True, need_answer: bool = True) -> list[dict]:
     if not isinstance(value, list):
-        raise RecordProblem("messages", f"expected a list of {{role, content}} objects, got {_type_of(value)}")
+        raise RecordProblem(field, f"expected a list of {{role, content}} objects, got {_type_of(value)}")
     if not value:
-        raise RecordProblem("messages", "is empty")
+        raise RecordProblem(field, "is empty")
     out = []
     for i, m in enumerate(value):
-        where = f"messages[{i}]"
+        where = f"{field}[{i}]"
         if not isinstance(m, dict):
             raise RecordProblem(where, f"expected an object with role and content, got {_type_of(m)}")
-        if extra := sorted(set(m) - {"role", "content"}):
-            raise RecordProblem(f"{where}.{extra[0]}", "unsupported message key (only role and content)")
+        if m.get("tool_calls") or m.get("function_call") or m.get("role") in ("tool", "function", "ipython"):
+            raise RecordProblem(f"{where}.{'role' if m.get('role') in ('tool', 'function', 'ipython') else 'tool_calls'}",
+                                TOOL_REFUSAL)
+        if extra := sorted(set(m) - {"role", "content", "name", "tool_calls", "function_call"}):
+            raise RecordProblem(f"{where}.{extra[0]}", "unsupported message key (role, content and name are kept)")
         role = _text(m, "role", f"{where}.role")
         if role not in ROLES:
             raise RecordProblem(f"{where}.role", f"must be one of {', '.join(ROLES)}; got {role!r}")
         if role == "system" and i != 0:
             raise RecordProblem(f"{where}.role", "a system message may only come first")
-        out.append({"role": role, "content": _text(m, "content", f"{where}.content")})
-    if out[-1]["role"] != "assistant":
-        raise RecordProblem(f"messages[{len(out) - 1}].role",
+        msg = {"role": role, "content": _content(m, where)}
+        if m.get("name") is not None:
+            msg["name"] = _text(m, "name", f"{where}.name")
+        out.append(msg)
+    if need_answer and out[-1]["role"] != "assistant":
+        raise RecordProblem(f"{field}[{len(out) - 1}].role",
                             f"the last message must be the assistant's answer to learn; got {out[-1]['role']!r}")
-    if not any(m["role"] == "user" for m in out):
-        raise RecordProblem("messages", "has no user message")
+    if need_user and not any(m["role"] == "user" for m in out):
+        raise RecordProblem(field, "has no user message")
     return out
 
-def _from_messages(rec: dict) -> tuple[list[dict], float, set]:
+def _weight(rec: dict, max_weight) -> float:
+    return check_weight(rec["weight"], max_weight=max_weight) if "weight" in rec else 1.0
+
+def _from_messages(rec: dict, max_weight=None) -> tuple[list[dict], float, set]:
     if "messages" not in rec:
         raise RecordProblem("messages", "missing")
-    msgs = _messages(rec["messages"])
-    weight = check_weight(rec["weight"]) if "weight" in rec else 1.0
-    return msgs, weight, {"messages", "weight"}
+    return _messages(rec["messages"]), _weight(rec, max_weight), {"messages", "weight"}
 
-def _from_instruction(rec: dict) -> tuple[list[dict], float, set]:
+def _from_sharegpt(rec: dict, max_weight=None) -> tuple[list[dict], float, set]:
+    turns = rec.get("conversations")
+    if not isinstance(turns, list):
+        raise RecordProblem("conversations", "missing" if turns is None else
+                            f"expected a list of {{from, value}} objects, got {_type_of(turns)}")
+    msgs = []
+    for i, t in enumerate(turns):
+        where = f"conversations[{i}]"
+        if not isinstance(t, dict):
+            raise RecordProblem(where, f"expected an object with from and value, got {_type_of(t)}")
+        who = _text(t, "from", f"{where}.from")
+        if who in ("function_call", "observation", "tool", "function"):
+            raise RecordProblem(f"{where}.from", TOOL_REFUSAL)
+        if who not in SHAREGPT_ROLES:
+            raise RecordProblem(f"{where}.from", f"must be one of {', '.join(SHAREGPT_ROLES)}; got {who!r}")
+        msgs.append({"role": SHAREGPT_ROLES[who], "content": t.get("value")})
+    try:
+        out = _messages(msgs)
+    except RecordProblem as e:
+        raise RecordProblem(e.field.replace("messages", "conversations", 1).replace(".content", ".value")
+                            .replace(".role", ".from"), e.problem) from None
+    return out, _weight(rec, max_weight), {"conversations", "weight"}
+
+def _prompt(value: Any, field: str = "prompt") -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": _text({field: value}, field)}]
+    return _messages(value, field, need_answer=False)
+
+def _answer(value: Any, field: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": _text({field: value}, field)}]
+    return _messages(value, field, need_user=False)
+
+def _from_prompt_completion(rec: dict, max_weight=None) -> tuple[list[dict], float, set]:
+    for key in ("prompt", "completion"):
+        if key not in rec: raise RecordProblem(key, "missing")
+    prompt = _prompt(rec["prompt"])
+    if prompt[-1]["role"] != "user":
+        raise RecordProblem(f"prompt[{len(prompt) - 1}].role", "the prompt must end with the user's turn")
+    return prompt + _answer(rec["completion"], "completion"), _weight(rec, max_weight), {"prompt", "completion", "weight"}
+
+def _from_preference(rec: dict, max_weight=None) -> tuple[list[dict], float, set]:
+    "Explicit prompt (`prompt`, `chosen`, `rejected`) or implicit (two transcripts): SFT learns the chosen answer."
+    for key in ("chosen", "rejected"):
+        if key not in rec: raise RecordProblem(key, "missing")
+    if "prompt" in rec:
+        prompt = _prompt(rec["prompt"])
+        chosen, rejected = _answer(rec["chosen"], "chosen"), _answer(rec["rejected"], "rejected")
+    else:  # implicit prompt: the transcripts' common beginning is the prompt
+        c, r = _messages(rec["chosen"], "chosen"), _messages(rec["rejected"], "rejected")
+        n = 0
+        while n < min(len(c), len(r)) - 1 and c[n] == r[n]: n += 1
+        if n == 0 or c[n - 1]["role"] != "user":
+            raise RecordProblem("rejected", "chosen and rejected must share their conversation up to the last user "
+                                            "turn (an implicit prompt); give an explicit 'prompt' instead")
+        prompt, chosen, rejected = c[:n], c[n:], r[n:]
+    if chosen == rejected:
+        raise RecordProblem("rejected", "is the same answer as chosen; a pair needs two different answers")
+    return prompt + chosen, _weight(rec, max_weight), {"prompt", "chosen", "weight"}
+
+def explicit_prompt(rec: dict) -> dict:
+    """A preference record with an implicit prompt (two transcripts) → `{prompt, chosen, rejected, ...}` with the
+    answers as single assistant turns (what the preference stage reads); other records are returned as they are."""
+    if "prompt" in rec or not all(isinstance(rec.get(k), list) for k in ("chosen", "rejected")):
+        return rec
+    msgs, _, _ = _from_preference(rec)
+    c, r = _messages(rec["chosen"], "chosen"), _messages(rec["rejected"], "rejected")
+    n = len(msgs) - 1
+    if len(c) - n != 1 or len(r) - n != 1:
+        raise RecordProblem("chosen", "an implicit prompt must leave one answer turn in each transcript")
+    return {**rec, "prompt": c[:n], "chosen": c[n:], "rejected": r[n:]}
+
+def _from_instruction(rec: dict, max_weight=None) -> tuple[list[dict], float, set]:
     instruction = _text(rec, "instruction")
     extra = _text(rec, "input", required=False, allow_empty=True)
     if "response" in rec and "output" in rec:
         raise RecordProblem("output", "give the answer once: 'response' or 'output', not both")
-    key = "output" if "output" in rec else "response"
+    key = "output" if "output" in rec or "response" not in rec else "response"
     answer = _text(rec, key)
-    weight = check_weight(rec["weight"]) if "weight" in rec else 1.0
     user = instruction if not extra else f"{instruction}\n\n{extra}"
-    return ([{"role": "user", "content": user}, {"role": "assistant", "content": answer}], weight,
+    return ([{"role": "user", "content": user}, {"role": "assistant", "content": answer}], _weight(rec, max_weight),
             {"instruction", "input", "response", "output", "weight"})
 
-def _from_feedback(rec: dict) -> tuple[list[dict], float, set]:
+def _from_feedback(rec: dict, max_weight=None) -> tuple[list[dict], float, set]:
     query, response = _text(rec, "query"), _text(rec, "response")
     if "weight" not in rec:
         raise RecordProblem("weight", "missing (feedback needs one: 10 critical, 3 improvement, 1 good)")
-    weight = check_weight(rec["weight"])
+    weight = check_weight(rec["weight"], max_weight=max_weight)
     _text(rec, "feedback", required=False, allow_empty=True)
     return [{"role": "user", "content": query}, {"role": "assistant", "content": response}], weight, {
         "query", "response", "weight"}
 
-_PARSERS = {"messages": _from_messages, "instruction": _from_instruction, "feedback": _from_feedback}
+def _from_text(rec: dict, max_weight=None) -> tuple[list[dict], float, set]:
+    "Language modelling: the whole text is learnt, as the answer to an empty user turn (so the template applies)."
+    return ([{"role": "user", "content": ""}, {"role": "assistant", "content": _text(rec, "text")}],
+            _weight(rec, max_weight), {"text", "weight"})
 
-def normalise_record(rec: dict, fmt: str = "auto", system_prompt: str | None = None) -> tuple[Example, str]:
+_PARSERS = {"messages": _from_messages, "sharegpt": _from_sharegpt, "prompt_completion": _from_prompt_completion,
+            "preference": _from_preference, "instruction": _from_instruction, "feedback": _from_feedback,
+            "text": _from_text}
+
+def normalise_record(rec: dict, fmt: str = "auto", system_prompt: str | None = None,
+                     max_weight: float | None = None) -> tuple[Example, str]:
     "A parsed record → `(Example, its format)`; unknown fields go to `meta`. Raises `RecordProblem`."
+    fmt = canonical_format(fmt)
     fmt = detect_format(rec) if fmt == "auto" else fmt
-    if fmt not in _PARSERS:
-        raise ValueError(f"data.format: unknown format {fmt!r} (known: auto, {', '.join(FORMATS)})")
-    msgs, weight, used = _PARSERS[fmt](rec)
+    msgs, weight, used = _PARSERS[fmt](rec, max_weight)
     meta = {k: v for k, v in rec.items() if k not in used}
     check_clean(rec, "")  # after the format's own checks, so a wrong type is reported as such first
     if system_prompt and msgs[0]["role"] != "system":
@@ -344,42 +479,188 @@ def _apply_length_policy(ex: Example, result: ReadResult, line, raw: str, tokeni
                                  if kind == "dropped" else ""), kind, raw))
     return False
 
+def _add_record(result: ReadResult, line, rec_or_problem, shown: str, opts: dict) -> None:
+    "Normalise one parsed record (or record the problem met while parsing it) into `result`."
+    tokenizer, max_length, too_long = opts["tokenizer"], opts["max_length"], opts["too_long"]
+    try:
+        if isinstance(rec_or_problem, RecordProblem): raise rec_or_problem
+        ex, fmt = normalise_record(rec_or_problem, opts["format"], opts["system_prompt"], opts["max_weight"])
+    except RecordProblem as e:
+        result.rejects.append(Reject(result.name, line, e.field, e.problem, "invalid", shown))
+        return
+    ex.source = f"{result.name}:{line}" if isinstance(line, int) else f"{result.name}: {line}"
+    if tokenizer is not None and not _apply_length_policy(ex, result, line, shown, tokenizer, max_length, too_long):
+        return
+    result.formats[fmt] += 1
+    result.examples.append(ex)
+
+def _no_records(result: ReadResult) -> ReadResult:
+    if not result.records:
+        raise DataError(f"{result.name}: no records (the {'file' if result.lines == 0 else 'source'} is empty"
+                        + (f"; {result.blank_lines} blank line(s)" if result.blank_lines else "") + ")")
+    return result
+
 def read_jsonl(path: str | Path, *, name: str | None = None, format: str = "auto", system_prompt: str | None = None,
-               tokenizer=None, max_length: int | None = None, too_long: str = "error") -> ReadResult:
+               tokenizer=None, max_length: int | None = None, too_long: str = "error",
+               max_weight: float | None = None) -> ReadResult:
     "Validate and normalise every line of a JSONL file. Lengths are measured when a tokenizer is given."
     path = Path(path)
     result = ReadResult(name or str(path))
-    if not path.is_file():
-        raise DataError(f"{result.name}: no such data file" + (" (it is a folder)" if path.is_dir() else ""))
+    check_data_file(path, result.name, "jsonl")
+    opts = dict(format=format, system_prompt=system_prompt, tokenizer=tokenizer, max_length=max_length,
+                too_long=too_long, max_weight=max_weight)
     for line, raw in iter_lines(path):
         result.lines += 1
         if not raw.strip():
             result.blank_lines += 1
             continue
-        shown = raw.decode("utf-8", errors="replace")
-        try:
-            ex, fmt = normalise_record(parse_object(decode_line(raw)), format, system_prompt)
-        except RecordProblem as e:
-            result.rejects.append(Reject(result.name, line, e.field, e.problem, "invalid", shown))
-            continue
-        ex.source = f"{result.name}:{line}"
-        if tokenizer is not None and not _apply_length_policy(ex, result, line, shown, tokenizer, max_length, too_long):
-            continue
-        result.formats[fmt] += 1
-        result.examples.append(ex)
-    return result
+        try: rec = parse_object(decode_line(raw))
+        except RecordProblem as e: rec = e
+        _add_record(result, line, rec, raw.decode("utf-8", errors="replace"), opts)
+    return _no_records(result)
 
-def read_source(spec: str | Path, **kwargs) -> ReadResult:
-    "A data spec (file, `sample:`, `chroma:`) → `ReadResult`; see `read_jsonl` for the options."
+# %% ../../nbs/03_data.ipynb #d7a1b2c4
+LINE_SUFFIXES = (".jsonl", ".ndjson")
+TABLE_BUILDERS = {".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}
+HUB_PREFIX = "hf:"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
+_MAGIC = ((b"PAR1", "a Parquet file", ".parquet"), (b"ARROW1", "an Arrow IPC file", ".arrow"),
+          (b"\xff\xff\xff\xff", "an Arrow stream", ".arrow"), (b"\x1f\x8b", "a gzip-compressed file", None),
+          (b"PK\x03\x04", "a zip archive", None), (b"\x89HDF", "an HDF5 file", None),
+          (b"\x7fELF", "an executable", None), (b"\xff\xfe", "UTF-16 text", None), (b"\xfe\xff", "UTF-16 text", None))
+
+def sniff_file(path: Path) -> tuple[str, str | None]:
+    "What a file's first bytes look like: `(kind, description, the suffix that would read it)`."
+    with open(path, "rb") as f: head = f.read(4096)
+    for magic, what, suffix in _MAGIC:
+        if head.startswith(magic): return what, suffix
+    if b"\x00" in head: return "a binary file", None
+    text = head.removeprefix(b"\xef\xbb\xbf").lstrip()
+    if not text: return "an empty file", None
+    if text.startswith(b"["): return "a JSON array", ".json"
+    first = text.split(b"\n", 1)[0].strip()
+    if text.startswith(b"{"):
+        try: json.loads(first); return "JSON Lines", ".jsonl"
+        except ValueError: return "a JSON document", ".json"
+    if any(l.lstrip().startswith(b"{") for l in text.split(b"\n")[1:]):
+        return "JSON Lines", ".jsonl"   # a first line that is broken or not an object: the line reader says which
+    if b"," in first or b"\t" in first: return "CSV/TSV text", ".csv"
+    return "plain text", None
+
+def check_data_file(path: Path, name: str, expected: str) -> None:
+    "Refuse, in one line, a missing file, a link out of its folder, an empty file, or one whose bytes are another type."
+    if path.is_symlink():
+        target, folder = path.resolve(), path.parent.resolve()
+        if not target.is_relative_to(folder):
+            raise DataError(f"{name}: a symbolic link to {target}, outside the data folder {folder}; refused "
+                            "(copy the data into the folder instead)")
+    if not path.is_file():
+        raise DataError(f"{name}: no such data file" + (" (it is a folder)" if path.is_dir() else ""))
+    if path.stat().st_size == 0:
+        raise DataError(f"{name}: no records (the file is empty)")
+    what, suffix = sniff_file(path)
+    wanted = {"jsonl": ("JSON Lines", "a JSON document"), "json": ("JSON Lines", "a JSON array", "a JSON document"),
+              "csv": ("CSV/TSV text", "plain text", "JSON Lines", "a JSON document"), "parquet": ("a Parquet file",),
+              "arrow": ("an Arrow IPC file", "an Arrow stream")}[expected]
+    if what in wanted or what == "an empty file":
+        return
+    fix = (f"rename it to {path.stem}{suffix} (adapterlab reads that type through `datasets`)" if suffix else
+           "give a .jsonl, .json, .parquet, .csv or .arrow file, or a folder written by Dataset.save_to_disk")
+    raise DataError(f"{name}: looks like {what}, not {expected.upper() if expected != 'jsonl' else 'JSON Lines'}; {fix}")
+
+def _drop_nulls(value: Any) -> Any:
+    "A row from `datasets` without the `None`s it adds for keys a record did not have (in nested messages too)."
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+def _datasets_error(name: str, how: str, e: Exception) -> DataError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    return DataError(f"{name}: `datasets` could not read it as {how}: {type(e).__name__}: {first}")
+
+def load_table(spec: str | Path, name: str):
+    "A `datasets.Dataset` from a table file, a `save_to_disk` folder or a hub id (see the table above)."
+    import datasets
+    datasets.disable_progress_bars()
+    spec = str(spec)
+    path = None if spec.startswith(HUB_PREFIX) else resolve_data_path(spec)
+    if path is not None and path.is_dir():
+        if path.is_symlink() and not path.resolve().is_relative_to(path.parent.resolve()):
+            raise DataError(f"{name}: a symbolic link to {path.resolve()}, outside the data folder; refused")
+        if not any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            raise DataError(f"{name}: a folder, but not one written by Dataset.save_to_disk; name a file in it")
+        try: ds = datasets.load_from_disk(str(path))
+        except Exception as e: raise _datasets_error(name, "a saved dataset folder", e) from None
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataError(f"{name}: a DatasetDict without a 'train' split (splits: {', '.join(ds)}); "
+                                "save the split to train on")
+            ds = ds["train"]
+        return ds
+    if path is not None and path.exists() or path is not None and path.is_symlink():
+        builder = TABLE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise DataError(f"{name}: unknown file type {path.suffix or '(no suffix)'!r}; adapterlab reads "
+                            f"{', '.join(LINE_SUFFIXES + tuple(TABLE_BUILDERS))} files and save_to_disk folders")
+        check_data_file(path, name, {".tsv": "csv"}.get(path.suffix.lower(), builder))
+        kw = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+        try: return datasets.load_dataset(builder, data_files=str(path), split="train", **kw)
+        except Exception as e:
+            if "corresponds to no data" in str(e):  # a CSV with its header only
+                raise DataError(f"{name}: no records (a header, no rows)") from None
+            raise _datasets_error(name, builder, e) from None
+    hub = spec[len(HUB_PREFIX):] if spec.startswith(HUB_PREFIX) else spec
+    if not _HUB_ID.match(hub) or Path(hub.partition(":")[0]).suffix.lower() in (*LINE_SUFFIXES, *TABLE_BUILDERS):
+        raise DataError(f"{name}: no such data file")
+    repo, _, split = hub.partition(":")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0"):
+        raise DataError(f"{name}: no such local file, and the hub dataset {repo!r} cannot be fetched: offline "
+                        "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set); download it and give the folder or file")
+    try: return datasets.load_dataset(repo, split=split or "train")
+    except Exception as e: raise _datasets_error(name, f"the hub dataset {repo!r}", e) from None
+
+def read_table(spec: str | Path, *, name: str | None = None, format: str = "auto", system_prompt: str | None = None,
+               tokenizer=None, max_length: int | None = None, too_long: str = "error",
+               max_weight: float | None = None) -> ReadResult:
+    "`read_jsonl` for what `load_table` reads: each row validated and normalised, errors as `FILE: row N: ...`."
+    result = ReadResult(name or str(spec))
+    ds = load_table(spec, result.name)
+    opts = dict(format=format, system_prompt=system_prompt, tokenizer=tokenizer, max_length=max_length,
+                too_long=too_long, max_weight=max_weight)
+    for n, row in enumerate(ds, 1):
+        result.lines += 1
+        rec = _drop_nulls(dict(row))
+        _add_record(result, f"row {n}", rec, json.dumps(rec, ensure_ascii=False, default=str), opts)
+    return _no_records(result)
+
+def source_sha256(path: str | Path) -> str:
+    "sha256 of a data file, or of a saved dataset folder (each file's relative path and bytes, in sorted order)."
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        if path.is_dir(): h.update(p.relative_to(path).as_posix().encode() + b"\0")
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
+    return h.hexdigest()
+
+def read_source(spec: str | Path, name: str | None = None, **kwargs) -> ReadResult:
+    "A data spec (JSONL, another table file, a saved folder, a hub id, `sample:`, `chroma:`) → `ReadResult`."
     if str(spec).startswith(CHROMA_PREFIX):
-        return read_chroma(str(spec), **kwargs)
-    return read_jsonl(resolve_data_path(spec), name=display_name(spec), **kwargs)
+        kwargs.pop("max_weight", None)
+        return read_chroma(str(spec), name=name, **kwargs)
+    path = None if str(spec).startswith(HUB_PREFIX) else resolve_data_path(spec)
+    if path is not None and path.suffix.lower() in LINE_SUFFIXES:
+        return read_jsonl(path, name=name or display_name(spec), **kwargs)
+    return read_table(spec, name=name or display_name(spec), **kwargs)
 
 # %% ../../nbs/03_data.ipynb #63680a87
 def load_examples(spec: str | Path, *, format: str = "auto", system_prompt: str | None = None,
-                  strict: bool = True) -> list[Example]:
+                  strict: bool = True, max_weight: float | None = None) -> list[Example]:
     "Validated examples from a data spec; raises `DataError` listing every bad record unless `strict=False`."
-    result = read_source(spec, format=format, system_prompt=system_prompt)
+    result = read_source(spec, format=format, system_prompt=system_prompt, max_weight=max_weight)
     if result.bad and strict:
         raise DataError(_problems_message(f"{result.name}: {len(result.bad)} bad record(s) of {result.records}:",
                                           result.bad), result.bad)
@@ -401,12 +682,16 @@ def remove_duplicates(examples: list[Example]) -> tuple[list[Example], list[Reje
         k = example_key(ex)
         if k in first:
             file, _, line = ex.source.rpartition(":")
-            dups.append(Reject(file, line, "(record)", f"exact duplicate of {first[k].source}", "duplicate",
+            dups.append(Reject(file, line.strip(), "(record)", f"exact duplicate of {first[k].source}", "duplicate",
                                json.dumps(_row(ex), ensure_ascii=False)))
         else:
             first[k] = ex
             kept.append(ex)
     return kept, dups
+
+def screen(result: ReadResult, dedup: bool = True) -> tuple[list[Example], list[Reject]]:
+    "What the data stage keeps of a source, and the duplicates it leaves out: the one rule `data check` shares."
+    return remove_duplicates(result.examples) if dedup else (result.examples, [])
 
 def split_examples(examples: list[Example], val_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     "Seeded shuffle, then `round(n × val_fraction)` examples held out (at least one train example stays)."
@@ -558,7 +843,7 @@ def _read_rows(path: Path) -> list[dict]:
 
 def _to_dataset(path: Path):
     from datasets import Dataset
-    rows = [to_prompt_completion(Example(r["messages"], float(r["weight"]))) for r in _read_rows(path)]
+    rows = [row for r in _read_rows(path) for row in to_prompt_completions(Example(r["messages"], float(r["weight"])))]
     return Dataset.from_list(rows)
 
 def _tokenizer_for(cfg: Config):
@@ -579,11 +864,11 @@ def prepare_data(cfg: Config, run_dir: str | Path, tokenizer=None) -> PreparedDa
     data_dir.mkdir(parents=True, exist_ok=True)
     d = cfg.data
     tokenizer = tokenizer if tokenizer is not None else _tokenizer_for(cfg)
-    opts = dict(format=d.format, system_prompt=d.system_prompt, tokenizer=tokenizer)
+    opts = dict(format=d.format, system_prompt=d.system_prompt, tokenizer=tokenizer, max_weight=d.max_weight)
     train_in = read_source(d.train, max_length=cfg.hw.max_seq_length, too_long=d.too_long, **opts)
     eval_in = read_source(d.eval, **opts) if d.eval else None
 
-    examples, duplicates = remove_duplicates(train_in.examples) if d.dedup else (train_in.examples, [])
+    examples, duplicates = screen(train_in, d.dedup)
     train, val = split_examples(examples, d.val_fraction, cfg.seed)
     files = {"train": write_jsonl(data_dir / "train.jsonl", map(_row, train))}
     if val: files["val"] = write_jsonl(data_dir / "val.jsonl", map(_row, val))
@@ -600,7 +885,8 @@ def prepare_data(cfg: Config, run_dir: str | Path, tokenizer=None) -> PreparedDa
     stats = {
         "inputs": {"train": _input_stats(train_in), **({"eval": _input_stats(eval_in)} if eval_in else {})},
         "duplicates_removed": len(duplicates),
-        "split": {"seed": cfg.seed, "val_fraction": d.val_fraction, "train": len(train), "val": len(val)},
+        "split": {"seed": cfg.seed, "val_fraction": d.val_fraction, "train": len(train), "val": len(val),
+                  "train_turns": sum(len(to_prompt_completions(e)) for e in train)},
         "tokens": {"max_seq_length": cfg.hw.max_seq_length, "too_long": d.too_long,
                    "train": length_summary([length_of[e.source] for e in train]),
                    "val": length_summary([length_of[e.source] for e in val]),
@@ -735,30 +1021,35 @@ def read_chroma(spec: str, *, format: str = "auto", system_prompt: str | None = 
 
 # %% ../../nbs/03_data.ipynb #eacbb194
 def check_files(paths: Sequence[str], *, format: str = "auto", tokenizer=None, max_length: int | None = None,
-                too_long: str = "error", out=None, err=None) -> int:
-    "Validate data files; print one line per bad record and a summary; 1 if any record is bad, else 0."
+                too_long: str = "error", max_weight: float | None = None, dedup: bool = True,
+                out=None, err=None) -> int:
+    """Validate data files as the data stage does; print one line per bad record, per duplicate, and a summary.
+    2 if a source cannot be read at all (missing, empty, wrong type, a link out of its folder), else 1 if any record
+    is bad, else 0 (duplicates are left out by the stage under `data.dedup`, not an error)."""
     out, err = out or sys.stdout, err or sys.stderr
-    n_bad = n_records = 0
+    n_bad = n_records = n_fatal = 0
     for p in paths:
-        try:
-            r = (read_chroma(p, format=format, tokenizer=tokenizer, max_length=max_length, too_long=too_long)
-                 if p.startswith(CHROMA_PREFIX) else
-                 read_jsonl(resolve_data_path(p) if p.startswith(SAMPLE_PREFIX) else Path(p), name=p, format=format,
-                            tokenizer=tokenizer, max_length=max_length, too_long=too_long))
+        local = not p.startswith((SAMPLE_PREFIX, CHROMA_PREFIX, HUB_PREFIX)) and os.path.lexists(p)
+        try:  # a path on the command line is relative to the current folder, and named as typed
+            r = read_source(os.path.abspath(p) if local else p, name=p, format=format, tokenizer=tokenizer, max_length=max_length, too_long=too_long,
+                            max_weight=max_weight)
         except DataError as e:
-            print(f"{p}: {e}", file=out)
-            n_bad += 1
+            print(str(e) if str(e).startswith(p) else f"{p}: {e}", file=out)
+            n_fatal += 1
             continue
-        for x in r.bad:
+        _, dups = screen(r, dedup)
+        for x in r.bad + dups:
             print(x, file=out)
         notes = [f"{len(r.truncated)} truncated"] if r.truncated else []
         notes += [f"{n} dropped as too long"] if (n := sum(x.kind == "dropped" for x in r.rejects)) else []
-        print(f"{p}: {r.records} records: {len(r.examples)} good, {len(r.bad)} bad"
+        notes += [f"{len(dups)} duplicate(s) left out (data.dedup)"] if dups else []
+        print(f"{p}: {r.records} records: {len(r.examples) - len(dups)} kept, {len(r.bad)} bad"
               + (f" ({', '.join(notes)})" if notes else ""), file=err)
         n_bad += len(r.bad)
         n_records += r.records
-    print(f"checked {n_records} records in {len(paths)} file(s): {n_bad} bad", file=err)
-    return 1 if n_bad else 0
+    print(f"checked {n_records} records in {len(paths)} source(s): {n_bad} bad"
+          + (f", {n_fatal} unreadable" if n_fatal else ""), file=err)
+    return 2 if n_fatal else 1 if n_bad else 0
 
 def _data_check(args) -> int:
     from adapterlab.config import resolve_config
@@ -767,31 +1058,47 @@ def _data_check(args) -> int:
     if not args.no_length:
         tokenizer, max_length = _tokenizer_for(cfg), cfg.hw.max_seq_length
     return check_files(args.files, format=args.format or cfg.data.format, tokenizer=tokenizer,
-                       max_length=max_length, too_long=cfg.data.too_long)
+                       max_length=max_length, too_long=cfg.data.too_long, max_weight=cfg.data.max_weight,
+                       dedup=cfg.data.dedup)
 
 def to_record(ex: Example) -> dict:
     "An example as a `messages` JSONL record that reads back to the same example (meta fields at the top level)."
     return {"messages": ex.messages, "weight": ex.weight, **ex.meta}
 
-def _data_export(args) -> int:
-    examples = load_examples(args.source, strict=not args.skip_bad)
-    write_jsonl(Path(args.out), map(to_record, examples))
-    print(f"{args.out}: {len(examples)} examples", file=sys.stderr)
+def convert(source: str, out: str | Path, *, format: str = "auto", strict: bool = True,
+            max_weight: float | None = None) -> int:
+    "Normalise any source into `messages` JSONL a user can read; returns how many examples were written."
+    examples = load_examples(source, format=format, strict=strict, max_weight=max_weight)
+    write_jsonl(Path(out), map(to_record, examples))
+    return len(examples)
+
+def _data_convert(args) -> int:
+    from adapterlab.config import resolve_config
+    cfg, _ = resolve_config(args.experiment, args.hw, args.set)
+    n = convert(args.source, args.out, format=args.format or cfg.data.format, strict=not args.skip_bad,
+                max_weight=cfg.data.max_weight)
+    print(f"{args.out}: {n} examples", file=sys.stderr)
     return 0
 
 def add_cli(subparsers) -> None:
-    "`adapterlab data check FILE...` and `adapterlab data export SOURCE OUT`."
+    "`adapterlab data check FILE...` and `adapterlab data convert SOURCE OUT` (alias `export`)."
     p = subparsers.add_parser("data", help="validate and convert training data")
     sub = p.add_subparsers(dest="data_command", required=True)
-    c = sub.add_parser("check", help="one FILE:LINE: field: problem line per bad record; exit 1 if any")
-    c.add_argument("files", nargs="+", metavar="FILE", help="JSONL files, sample:NAME/file.jsonl or chroma:PATH?collection=NAME")
-    c.add_argument("--format", choices=("auto", *FORMATS), default=None, help="record format (default: data.format)")
-    c.add_argument("-f", "--experiment", default="json_contacts", help="experiment whose model and limits to check against")
-    c.add_argument("--hw", default="cpu", help="hardware profile (sets hw.max_seq_length)")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="parameter override")
+    formats = ("auto", *FORMATS, *FORMAT_ALIASES)
+    def common(c):
+        c.add_argument("--format", choices=formats, default=None, help="record format (default: data.format)")
+        c.add_argument("-f", "--experiment", default="json_contacts", help="experiment whose parameters to apply")
+        c.add_argument("--hw", default="cpu", help="hardware profile (sets hw.max_seq_length)")
+        c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="parameter override")
+    c = sub.add_parser("check", help="one FILE:LINE: field: problem line per bad record; exit 1 if any, 2 if unreadable")
+    c.add_argument("files", nargs="+", metavar="FILE",
+                   help="data files (.jsonl .json .parquet .csv .arrow), save_to_disk folders, sample:NAME/file, "
+                        "hf:OWNER/NAME or chroma:PATH?collection=NAME")
+    common(c)
     c.add_argument("--no-length", action="store_true", help="skip the token-length check (no tokenizer needed)")
     c.set_defaults(func=_data_check)
-    e = sub.add_parser("export", help="normalise a source (e.g. a Chroma collection) into messages JSONL")
+    e = sub.add_parser("convert", aliases=["export"], help="normalise a source into messages JSONL you can inspect")
     e.add_argument("source"); e.add_argument("out")
+    common(e)
     e.add_argument("--skip-bad", action="store_true", help="write the good records even if some are bad")
-    e.set_defaults(func=_data_export)
+    e.set_defaults(func=_data_convert)

@@ -25,17 +25,18 @@ from .config import (AdapterlabError, Config, ConfigError, Layer, build_dataclas
 from .data import Example, load_examples, resolve_data_path
 
 # %% auto #0
-__all__ = ['CONTEXT_FIELD', 'SOURCES_FIELD', 'SOURCES_ALIASES', 'METRICS', 'RECORD_FIELDS', 'record_sources', 'EvalDataError',
-           'split_reference', 'load_eval_examples', 'MetricDef', 'register', 'normalize_answer', 'token_f1',
-           'exact_match_stats', 'f1_stats', 'rouge_l_stats', 'bleu_aggregate', 'bleu_stats', 'perplexity_aggregate',
-           'perplexity_stats', 'parse_json_answer', 'load_json_schema', 'json_validity_stats', 'json_schema_stats',
-           'cited_ids', 'cites_allowed', 'citation_stats', 'is_refusal', 'refusal_stats', 'content_words',
-           'context_text', 'support_ratio', 'groundedness_stats', 'expand_metrics', 'metric_stats', 'aggregate',
-           'score', 'per_example', 'metric_features', 'evaluate_module_class', 'metric_module_path',
-           'load_metric_module', 'chat_prompt', 'completion_text', 'reference_nll', 'generation_kwargs',
-           'generate_predictions', 'paired_bootstrap', 'compare', 'table_cell', 'report_markdown', 'plot_metrics',
-           'eval_config', 'resolve_eval_run', 'find_artifact', 'latest_run_dir', 'check_metric_inputs',
-           'load_predictions', 'evaluate_run', 'add_cli']
+__all__ = ['CONTEXT_FIELD', 'SOURCES_FIELD', 'SOURCES_ALIASES', 'METRICS', 'RECORD_FIELDS', 'AUTO_METRICS', 'TEXT_METRICS',
+           'JSON_METRICS', 'record_sources', 'EvalDataError', 'split_reference', 'load_eval_examples', 'MetricDef',
+           'register', 'normalize_answer', 'token_f1', 'exact_match_stats', 'f1_stats', 'rouge_l_stats',
+           'bleu_aggregate', 'bleu_stats', 'perplexity_aggregate', 'perplexity_stats', 'parse_json_answer',
+           'load_json_schema', 'json_validity_stats', 'json_schema_stats', 'cited_ids', 'cites_allowed',
+           'citation_stats', 'is_refusal', 'refusal_stats', 'content_words', 'context_text', 'support_ratio',
+           'groundedness_stats', 'select_metrics', 'expand_metrics', 'metric_stats', 'aggregate', 'score',
+           'per_example', 'metric_features', 'evaluate_module_class', 'metric_module_path', 'load_metric_module',
+           'chat_prompt', 'completion_text', 'reference_nll', 'generation_kwargs', 'generate_predictions',
+           'paired_bootstrap', 'compare', 'table_cell', 'report_markdown', 'plot_metrics', 'eval_config',
+           'resolve_eval_run', 'find_artifact', 'latest_run_dir', 'check_metric_inputs', 'load_predictions',
+           'evaluate_run', 'add_cli']
 
 # %% ../../nbs/09_eval.ipynb #be1d3cf0
 CONTEXT_FIELD = "context"
@@ -295,12 +296,53 @@ def groundedness_stats(predictions, references=None, *, contexts, **_):
 RECORD_FIELDS = {"contexts": CONTEXT_FIELD, "allowed_sources": SOURCES_FIELD, "ref_nll": "ref_nll",
                  "ref_tokens": "ref_tokens"}
 
-def expand_metrics(metrics: Sequence[str], schema=None) -> list[str]:
-    "Check metric names; `json_validity` brings `json_schema_conformance` along when there is a schema."
-    unknown = [m for m in metrics if m not in METRICS]
+AUTO_METRICS = "auto"
+TEXT_METRICS = ("exact_match", "f1", "rouge_l", "bleu", "perplexity")
+JSON_METRICS = ("json_validity", "json_schema_conformance")
+
+def _is_json_document(text) -> bool:
+    ok, value = parse_json_answer(text) if isinstance(text, str) else (False, None)
+    return ok and isinstance(value, (dict, list))
+
+def select_metrics(metrics: Sequence[str], examples: Sequence | None = None, schema=None) -> tuple[list[str], dict[str, str]]:
+    """`eval.metrics` → the metrics to report and, for each metric considered, why it was chosen or left out.
+    `auto` stands for the metrics that fit the task: the text metrics always; the JSON metrics only when every
+    reference is a JSON object or array (or `eval.json_schema` is set); `citation_rate` / `groundedness` when the
+    eval records carry sources / context. A metric named explicitly is reported as asked."""
+    reasons: dict[str, str] = {}
+    out: list[str] = []
+    for m in metrics:
+        if m != AUTO_METRICS:
+            out.append(m); reasons.setdefault(m, "asked for in eval.metrics")
+            continue
+        out += [x for x in TEXT_METRICS]
+        for x in TEXT_METRICS: reasons.setdefault(x, "auto: a text metric, fits every task")
+        refs = [ex.messages[-1]["content"] for ex in examples] if examples is not None else []
+        n_json = sum(map(_is_json_document, refs))
+        if schema is not None:
+            out.append("json_validity"); reasons.setdefault("json_validity", "auto: eval.json_schema is set")
+        elif refs and n_json == len(refs):
+            out.append("json_validity"); reasons.setdefault("json_validity", f"auto: all {len(refs)} references are JSON")
+        else:
+            reasons.setdefault("json_validity", f"left out by auto: {n_json} of {len(refs)} references are JSON "
+                                                "documents (name it in eval.metrics to report it anyway)")
+        if examples is not None:
+            for name, has in (("citation_rate", any(record_sources(ex.meta) is not None for ex in examples)),
+                              ("groundedness", any(ex.meta.get(CONTEXT_FIELD) is not None for ex in examples))):
+                if has:
+                    out.append(name); reasons.setdefault(name, "auto: the eval records carry the field it needs")
+    unknown = [m for m in out if m not in METRICS]
     if unknown:
-        raise ConfigError(f"eval.metrics: unknown metric(s) {', '.join(unknown)} (known: {', '.join(METRICS)})")
-    out = list(dict.fromkeys(metrics))
+        raise ConfigError(f"eval.metrics: unknown metric(s) {', '.join(unknown)} (known: {AUTO_METRICS}, "
+                          f"{', '.join(METRICS)})")
+    out = list(dict.fromkeys(out))
+    if schema is not None and "json_validity" in out and "json_schema_conformance" not in out:
+        reasons.setdefault("json_schema_conformance", "comes with json_validity when eval.json_schema is set")
+    return out, reasons
+
+def expand_metrics(metrics: Sequence[str], schema=None, examples: Sequence | None = None) -> list[str]:
+    "Check metric names (and expand `auto`, see `select_metrics`); `json_validity` brings `json_schema_conformance` along when there is a schema."
+    out = select_metrics(metrics, examples, schema)[0]
     if schema is not None and "json_validity" in out and "json_schema_conformance" not in out:
         out.insert(out.index("json_validity") + 1, "json_schema_conformance")
     return out
@@ -509,7 +551,7 @@ def generate_predictions(model, tokenizer, examples: Sequence[Example], cfg: Con
                               kw["eos_token_id"] in toks)
             bar.update(len(batch))
     nll = (reference_nll(model, tokenizer, examples, cfg.eval.batch_size, f"{desc} perplexity")
-           if "perplexity" in cfg.eval.metrics else None)
+           if "perplexity" in expand_metrics(cfg.eval.metrics, examples=examples) else None)  # `auto` included
     records = []
     for i, ex in enumerate(examples):
         prompt, reference = prompts[i]
@@ -583,7 +625,10 @@ def report_markdown(report: dict) -> str:
              f"- decoding: {'sampling, temperature ' + str(g['temperature']) if g['do_sample'] else 'greedy'}, "
              f"max {g['max_new_tokens']} new tokens, batch {g['batch_size']}, seed {report['seed']}",
              f"- answers cut off at the token limit: base {report['truncated']['base']}, "
-             f"adapter {report['truncated']['adapter']}", "",
+             f"adapter {report['truncated']['adapter']}",
+             *([f"- metrics (eval.metrics {report['metric_selection']['asked']}): " + "; ".join(
+                 f"{k}: {v}" for k, v in report["metric_selection"].items() if k != "asked")]
+               if "metric_selection" in report else []), "",
              "| metric | base | adapter | Δ (adapter − base) | 95% CI of Δ | verdict |", "|---|---|---|---|---|---|"]
     for name, m in report["metrics"].items():
         arrow = "↑" if m["higher_is_better"] else "↓"
@@ -694,9 +739,9 @@ def evaluate_run(run_dir: str | Path, eval_spec: str | None = None, overrides: l
     if not spec:
         raise ConfigError(f"{run_dir / 'params.yaml'}: data.eval: no eval set; set data.eval or pass eval_spec")
     examples = load_eval_examples(spec, cfg.eval.max_examples)
-    metrics = expand_metrics(cfg.eval.metrics)
-    check_metric_inputs(metrics, examples, spec)
     schema = load_json_schema(cfg.eval.json_schema) if cfg.eval.json_schema else None
+    metrics, chosen_because = select_metrics(cfg.eval.metrics, examples, schema)
+    check_metric_inputs(metrics, examples, spec)
     artifact = find_artifact(run_dir)
     if problems := verify_artifact(artifact):  # fail before loading a model; loading verifies again, with the base
         raise ArtifactError(f"{artifact}: refusing to evaluate an artifact that fails verification:\n  " + "\n  ".join(problems))
@@ -725,7 +770,7 @@ def evaluate_run(run_dir: str | Path, eval_spec: str | None = None, overrides: l
         "generation": {"max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size,
                        "do_sample": cfg.eval.do_sample, "temperature": cfg.eval.temperature if cfg.eval.do_sample else None},
         "truncated": {"base": sum(not r["finished"] for r in base), "adapter": sum(not r["finished"] for r in adapted)},
-        "timings": timings, "metrics": results,
+        "timings": timings, "metrics": results, "metric_selection": {"asked": list(cfg.eval.metrics), **chosen_because},
         "base": {name: m["base"] for name, m in results.items()},
         "adapter": {name: m["adapter"] for name, m in results.items()},
         "examples": [{"source": b["source"], "prompt": b["prompt"][-1]["content"], "reference": b["reference"],

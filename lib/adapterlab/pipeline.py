@@ -98,13 +98,13 @@ def environment_lock() -> str:
 def write_provenance(cfg: Config, run_dir: Path) -> dict:
     "`provenance.json` and `environment.txt`: what a reader needs to repeat this run."
     from adapterlab.artifact import git_state, hardware_info, package_versions
-    from adapterlab.data import resolve_data_path
+    from adapterlab.data import resolve_data_path, source_sha256
     from adapterlab.models import sha256_file
     data = {}
     for role in ("train", "eval"):
         spec = getattr(cfg.data, role)
         if spec and (p := resolve_data_path(spec)).exists():
-            data[role] = {"spec": spec, "sha256": sha256_file(p)}
+            data[role] = {"spec": spec, "sha256": source_sha256(p)}  # a file, or a saved dataset folder
     prov = {"run_id": run_dir.name, "created_utc": _now(), "experiment": cfg.experiment, "hw_profile": cfg.hw.name,
             "seed": cfg.seed, "deterministic": cfg.train.deterministic, "git": git_state(),
             "packages": package_versions(), "hardware": hardware_info(), "data": data}

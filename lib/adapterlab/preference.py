@@ -19,6 +19,7 @@ from .artifact import ArtifactError, load_verified_adapter
 from .compat import build_dpo_trainer, sft_settings
 from .config import Config
 from .data import (DataError, Example, RecordProblem, Reject, check_clean, count_tokens, decode_line,
+                             explicit_prompt,
                              display_name, iter_lines, normalise_record, parse_object, resolve_data_path, write_jsonl)
 from .models import load_base_model, sha256_file
 from .skeleton import (TrainingSkeleton, distributed_state, latest_checkpoint, markdown_table, metrics_callback,
@@ -71,6 +72,7 @@ def _answer(rec: dict, key: str) -> str:
 
 def parse_pair(rec: dict, system_prompt: str | None = None) -> PreferencePair:
     "A parsed JSON record → `PreferencePair`; raises `RecordProblem` naming the field at fault."
+    rec = explicit_prompt(rec)  # an implicit prompt (two transcripts), as TRL accepts
     for key in PAIR_FIELDS:
         if key not in rec:
             raise RecordProblem(key, "missing")
@@ -342,7 +344,7 @@ def compare_on_eval(cfg: Config, artifacts: Mapping[str, str | Path], out_dir: s
     if not cfg.data.eval:
         raise DataError("data.eval: no eval set to compare on")
     examples = load_eval_examples(cfg.data.eval, cfg.eval.max_examples)
-    metrics = expand_metrics(cfg.eval.metrics)
+    metrics = expand_metrics(cfg.eval.metrics, examples=examples)
     schema = load_json_schema(cfg.eval.json_schema) if cfg.eval.json_schema else None
     adapters = AdapterSet.open(dict(artifacts), device=cfg.hw.device)
     with adapters.base():
