@@ -23,7 +23,7 @@ import yaml
 
 import adapterlab
 from .config import AdapterlabError, Config, config_to_dict, project_root
-from .models import ModelSource, model_weight_files, sha256_file
+from .models import ModelSource, load_tokenizer, model_weight_files, portable_name, sha256_file
 
 # %% auto #0
 __all__ = ['LORA_MARKERS', 'PROVENANCE_PACKAGES', 'REQUIRED_FILES', 'tensor_sha256', 'is_adapter_param', 'base_checksums',
@@ -168,7 +168,8 @@ def hardware_info() -> dict:
 def base_model_provenance(source: ModelSource) -> dict:
     "The base model's spec, where it was loaded from and the sha256 of its weight files."
     files = [{"name": p.name, "sha256": sha256_file(p), "bytes": p.stat().st_size} for p in model_weight_files(source)]
-    info = {"spec": source.spec, "location": source.location if source.local else None, "weight_files": files}
+    info = {"spec": source.spec, "name": portable_name(source), "location": source.location if source.local else None,
+            "weight_files": files}
     marker = Path(source.location) / "adapterlab_source.json"
     if source.local and marker.exists():
         info["converted_from"] = json.loads(marker.read_text())
@@ -255,6 +256,21 @@ def _write_checksums(folder: Path) -> dict:
     (folder / "checksums.json").write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
     return sums
 
+def _portable_adapter_config(path: Path, base: ModelSource) -> None:
+    "PEFT records the base's local path; a consumer elsewhere needs its name (the path and hashes are in metadata.json)."
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = portable_name(base)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+def _base_tokenizer(base: ModelSource, cfg: Config):
+    "The tokenizer training used (with its chat template); None only for a hub base that cannot be loaded here."
+    from adapterlab.models import ModelNotFound
+    try:
+        return load_tokenizer(base, cfg, require_template=False)
+    except ModelNotFound:
+        if base.local: raise
+        return None
+
 def next_artifact_dir(run_dir: Path, name: str = "artifact") -> Path:
     "`artifact/`, or the first free `artifact-vN/` beside it."
     d, n = run_dir / name, 2
@@ -264,8 +280,9 @@ def next_artifact_dir(run_dir: Path, name: str = "artifact") -> Path:
 
 def write_artifact(run_dir: str | Path, model, cfg: Config, *, metrics: dict, base: ModelSource,
                    data_files: dict | None = None, extra: dict | None = None, overwrite: bool | None = None,
-                   name: str = "artifact") -> Path:
-    "Save the adapter with provenance, metrics, config snapshot, model card and checksums; verify; move into place."
+                   name: str = "artifact", tokenizer=None) -> Path:
+    """Save the adapter with its tokenizer (and the chat template it used), provenance, metrics, config snapshot,
+    model card and checksums; verify; move into place. `adapter_config.json` names the base by its portable name."""
     run_dir = Path(run_dir)
     metrics = redact_secrets(metrics)  # once, here: every file below (the model card too) sees only redacted values
     overwrite = cfg.output.overwrite if overwrite is None else overwrite
@@ -273,6 +290,9 @@ def write_artifact(run_dir: str | Path, model, cfg: Config, *, metrics: dict, ba
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=run_dir))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        _portable_adapter_config(tmp / "adapter_config.json", base)
+        if (tokenizer := tokenizer or _base_tokenizer(base, cfg)) is not None:
+            tokenizer.save_pretrained(tmp)
         cfg_dict = redact_secrets(config_to_dict(cfg))
         meta = redact_secrets({
             "run_id": run_dir.name, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
