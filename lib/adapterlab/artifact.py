@@ -357,8 +357,8 @@ def _adapter_tensor_problems(folder: Path) -> list[str]:
             a, b = parts["lora_A"], parts["lora_B"]
             if a[0] != rank or b[-1] != rank:
                 problems.append(f"adapter_model.safetensors: {module}: rank {a[0]}×{b[-1]} but adapter_config r={rank}")
-        short = module.split(".")[-1]
-        if isinstance(targets, list) and short not in targets and module not in targets:
+        # PEFT's own rule: a target is a module name or a dotted suffix of one (it stores full names for small models)
+        if isinstance(targets, list) and not any(module == t or module.endswith("." + t) for t in targets):
             problems.append(f"adapter_model.safetensors: {module}: not among target_modules {targets}")
     return problems
 
