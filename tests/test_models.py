@@ -49,6 +49,8 @@ def test_experiment_model_wins_over_profile_default(tmp_path, tokenizer_dir, cap
     assert "a hardware profile only supplies a default" in line
     origin = yaml.safe_load((run_dir / "params_origin.yaml").read_text())
     assert "over hw.base_model" in origin["model.base_model"]
+    from adapterlab.pipeline import report_markdown
+    assert f"base model `{folder}` (from {exp}:" in report_markdown(run_dir)    # the report says why, too
 
     from adapterlab.train import run_training
     result = run_training(cfg, run_dir)
