@@ -22,7 +22,9 @@ def artifact(ci_run, tmp_path):
 
 
 def test_fresh_artifact_is_complete_and_verified(artifact):
-    assert sorted(p.name for p in artifact.iterdir()) == sorted(REQUIRED_FILES)
+    names = {p.name for p in artifact.iterdir()}
+    assert set(REQUIRED_FILES) <= names   # and the tokenizer with the chat template used, nothing else:
+    assert names - set(REQUIRED_FILES) == {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
     assert verify_artifact(artifact) == []
     meta = json.loads((artifact / "metadata.json").read_text())
     assert meta["base_model"]["weight_files"][0]["sha256"] and meta["datasets"][0]["examples"] > 0

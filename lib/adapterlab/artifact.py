@@ -291,7 +291,7 @@ def write_artifact(run_dir: str | Path, model, cfg: Config, *, metrics: dict, ba
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         _portable_adapter_config(tmp / "adapter_config.json", base)
-        if (tokenizer := tokenizer or _base_tokenizer(base, cfg)) is not None:
+        if (tokenizer := tokenizer if tokenizer is not None else _base_tokenizer(base, cfg)) is not None:
             tokenizer.save_pretrained(tmp)
         cfg_dict = redact_secrets(config_to_dict(cfg))
         meta = redact_secrets({

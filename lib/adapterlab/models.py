@@ -184,13 +184,9 @@ def _gguf_chat_template(path: Path) -> str | None:
     return bytes(field.parts[field.data[0]]).decode("utf-8") if field else None
 
 def own_chat_template(spec: str) -> str | None:
-    """The chat template the model `spec` brings, read without converting or loading it (the converted folder, the
-    GGUF's metadata, the folder's tokenizer files); None when it has none. A hub id counts as having one (checked
-    when its tokenizer loads)."""
-    local = _local_model(spec)
-    if local is None:
-        return "(a hub model's own template)"
-    path, gguf_cache = local
+    """The chat template the local model `spec` brings, read without converting or loading it (the converted folder,
+    the GGUF's metadata, the folder's tokenizer files); None when it has none."""
+    path, gguf_cache = _local_model(spec)
     if gguf_cache is not None and (gguf_cache / "adapterlab_source.json").exists():
         path = gguf_cache
     return _folder_chat_template(path) if path.is_dir() else _gguf_chat_template(path)
@@ -249,8 +245,9 @@ def model_source(cfg: Config) -> ModelSource:
     (the model's own, else `model.chat_template`), and, offline, that a hub id is in the local hub cache."""
     spec = cfg.model.base_model
     setting = chat_template_setting(cfg)          # an unknown name or a missing file fails here, first
-    if _local_model(spec) is None:
+    if _local_model(spec) is None:                # a hub id: its template is checked when its tokenizer loads
         _check_hub_cached(spec)
+        return resolve_model(spec)
     own = own_chat_template(spec)
     if own is None and setting is None:
         raise _no_template(spec)
