@@ -23,8 +23,9 @@ import yaml
 
 import adapterlab
 from .config import AdapterlabError, Config, config_to_dict, project_root, redact_secrets
-from .models import ModelSource, model_weight_files, sha256_file
+from .models import ModelSource, load_tokenizer, model_weight_files, portable_name, sha256_file
 from .signing import RUN_RECORD, SIGNATURE_FILE, check_signature, record_artifact, record_problems, sign_folder
+
 
 # %% auto #0
 __all__ = ['LORA_MARKERS', 'PROVENANCE_PACKAGES', 'REQUIRED_FILES', 'OPTIONAL_FILES', 'ADAPTER_RECORD_KEYS', 'PICKLE_SUFFIXES',
@@ -154,7 +155,8 @@ def hardware_info() -> dict:
 def base_model_provenance(source: ModelSource) -> dict:
     "The base model's spec, where it was loaded from and the sha256 of its weight files."
     files = [{"name": p.name, "sha256": sha256_file(p), "bytes": p.stat().st_size} for p in model_weight_files(source)]
-    info = {"spec": source.spec, "location": source.location if source.local else None, "weight_files": files}
+    info = {"spec": source.spec, "name": portable_name(source), "location": source.location if source.local else None,
+            "weight_files": files}
     marker = Path(source.location) / "adapterlab_source.json"
     if source.local and marker.exists():
         info["converted_from"] = json.loads(marker.read_text())
@@ -249,6 +251,21 @@ def _write_checksums(folder: Path) -> dict:
     (folder / "checksums.json").write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
     return sums
 
+def _portable_adapter_config(path: Path, base: ModelSource) -> None:
+    "PEFT records the base's local path; a consumer elsewhere needs its name (the path and hashes are in metadata.json)."
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = portable_name(base)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+def _base_tokenizer(base: ModelSource, cfg: Config):
+    "The tokenizer training used (with its chat template); None only for a hub base that cannot be loaded here."
+    from adapterlab.models import ModelNotFound
+    try:
+        return load_tokenizer(base, cfg, require_template=False)
+    except ModelNotFound:
+        if base.local: raise
+        return None
+
 def next_artifact_dir(run_dir: Path, name: str = "artifact") -> Path:
     "`artifact/`, or the first free `artifact-vN/` beside it."
     d, n = run_dir / name, 2
@@ -307,8 +324,10 @@ def _replace_dir(new: Path, final: Path) -> None:
 
 def write_artifact(run_dir: str | Path, model, cfg: Config, *, metrics: dict, base: ModelSource,
                    data_files: dict | None = None, extra: dict | None = None, overwrite: bool | None = None,
-                   name: str = "artifact") -> Path:
-    "Save the adapter with provenance, metrics, config snapshot, model card, checksums and signature; verify; move into place."
+                   name: str = "artifact", tokenizer=None) -> Path:
+    """Save the adapter with its tokenizer (and the chat template it used), provenance, metrics, config snapshot,
+    model card, checksums and signature; verify; move into place. `adapter_config.json` names the base by its
+    portable name."""
     run_dir = Path(run_dir)
     clean_stale_temp(run_dir, name)
     metrics = redact_secrets(metrics)  # once, here: every file below (the model card too) sees only redacted values
@@ -317,6 +336,9 @@ def write_artifact(run_dir: str | Path, model, cfg: Config, *, metrics: dict, ba
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=run_dir))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        _portable_adapter_config(tmp / "adapter_config.json", base)
+        if (tokenizer := tokenizer if tokenizer is not None else _base_tokenizer(base, cfg)) is not None:
+            tokenizer.save_pretrained(tmp)
         cfg_dict = redact_secrets(config_to_dict(cfg))
         adapter_cfg = json.loads((tmp / "adapter_config.json").read_text())
         meta = redact_secrets({
@@ -493,8 +515,8 @@ def _adapter_tensor_problems(folder: Path, config: dict) -> list[str]:
             a, b = parts["lora_A"], parts["lora_B"]
             if a[0] != rank or b[-1] != rank:
                 problems.append(f"adapter_model.safetensors: {module}: rank {a[0]}×{b[-1]} but adapter_config r={rank}")
-        short = module.split(".")[-1]
-        if isinstance(targets, list) and short not in targets and module not in targets:
+        # PEFT's own rule: a target is a module name or a dotted suffix of one (it stores full names for small models)
+        if isinstance(targets, list) and not any(module == t or module.endswith("." + t) for t in targets):
             problems.append(f"adapter_model.safetensors: {module}: not among target_modules {targets}")
     return problems
 

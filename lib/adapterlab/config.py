@@ -58,6 +58,8 @@ class ModelConfig:
     trust_remote_code: bool = spec("run model code from the hub: never (adapterlab loads safetensors with built-in "
                                    "architectures only); kept so a config that asks for it is refused, not ignored",
                                    choices=(False,))
+    chat_template: Optional[str] = spec("chat template for a model that has none: a named one shipped with adapterlab "
+                                        "(chatml, llama3, gemma) or a Jinja file; the model's own template wins")
 
 @dataclass
 class LoraConfig:
@@ -116,7 +118,7 @@ class HwConfig:
                           choices=("adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "sgd"))
     max_seq_length: int = spec("tokens per example after the chat template", ge=8)
     memory_budget_gb: Optional[float] = spec("accelerator memory the plan must fit in; null on CPU", gt=0)
-    base_model: Optional[str] = spec("the base model this profile is sized for; overrides model.base_model when set")
+    base_model: Optional[str] = spec("the model this profile is sized for: the default when neither the experiment nor an override names model.base_model")
     distributed: str = spec("how `accelerate launch` spreads training over several processes: the launch config params/accelerate/<value>.yaml; none = one process only", choices=("none", "ddp", "zero2", "zero3", "fsdp"))
     allocator_slack: float = spec("share of the allocated peak the CUDA caching allocator reserves on top of it (fragmentation); memory plan", ge=0, le=1)
     cuda_overhead_gb: float = spec("GiB taken outside PyTorch's allocator (CUDA context, cuBLAS, kernels); counted against memory_budget_gb", ge=0)
@@ -448,18 +450,41 @@ def _resolve(experiment, hw, overrides, injected: dict | None = None) -> tuple[C
     merged, origin = merge_layers(layers)
     cfg = build_dataclass(Config, merged, origin)
     _check_experiment_name(cfg, exp_layer, origin)
-    if cfg.hw.base_model and not _overridden(overrides, "model.base_model"):
-        cfg.model.base_model = cfg.hw.base_model
-        origin["model.base_model"] = origin.get("hw.base_model", hw_layer.source)
+    if note := _choose_base_model(cfg, origin, layers):
+        print(note)
     return cfg, origin
 
-def _overridden(overrides, dotted: str) -> bool:
-    layer = overrides_layer(overrides)
-    node = layer.values
+# How specific each layer of `_resolve` is about the model (defaults, experiment, papermill's copy of the
+# experiment, hardware profile, explicit overrides), and why it wins when it does: a profile only supplies a default.
+_MODEL_RANK = ((0, "the defaults apply"), (2, "the experiment names its model; a hardware profile only supplies a default"),
+               (2, "the experiment names its model; a hardware profile only supplies a default"),
+               (1, "the experiment names no model, so the hardware profile's default applies"),
+               (3, "an explicit override (--set) wins"))
+
+def _choose_base_model(cfg: Config, origin: dict, layers: list[Layer]) -> str | None:
+    """Settle `model.base_model` against `hw.base_model`: the more specific layer wins (an override, then the
+    experiment, then the profile; on a tie `model.base_model`). Returns the one-line why when they disagree."""
+    hw_value, model_value = cfg.hw.base_model, cfg.model.base_model
+    if not hw_value or hw_value == model_value:
+        return None
+    writer = lambda dotted: max([i for i, l in enumerate(layers) if _get_dotted(l.values, dotted) is not _MISSING] or [0])
+    m, h = writer("model.base_model"), writer("hw.base_model")
+    if _MODEL_RANK[h][0] > _MODEL_RANK[m][0]:
+        loser, why = f"{model_value} ({origin['model.base_model']})", _MODEL_RANK[h][1]
+        cfg.model.base_model, where = hw_value, f"{origin['hw.base_model']} (hw.base_model)"
+    else:
+        loser, why = f"hw.base_model {hw_value} ({origin['hw.base_model']})", _MODEL_RANK[m][1]
+        where = origin["model.base_model"]
+    origin["model.base_model"] = f"{where}, over {loser}: {why}"
+    return f"model.base_model: {cfg.model.base_model} from {origin['model.base_model']}"
+
+_MISSING = object()
+
+def _get_dotted(d: dict, dotted: str):
     for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node: return False
-        node = node[part]
-    return True
+        if not isinstance(d, dict) or part not in d: return _MISSING
+        d = d[part]
+    return d
 
 def _check_experiment_name(cfg: Config, layer: Layer, origin: dict):
     stem = Path(layer.source).stem

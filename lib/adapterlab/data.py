@@ -847,8 +847,8 @@ def _to_dataset(path: Path):
     return Dataset.from_list(rows)
 
 def _tokenizer_for(cfg: Config):
-    from adapterlab.models import load_tokenizer, resolve_model
-    return load_tokenizer(resolve_model(cfg.model.base_model), cfg)
+    from adapterlab.models import load_tokenizer, model_source
+    return load_tokenizer(model_source(cfg), cfg)   # model_source checks the chat template before any conversion
 
 def _input_stats(r: ReadResult) -> dict:
     bad = len(r.bad)

@@ -518,8 +518,9 @@ def reference_nll(model, tokenizer, examples: Sequence[Example], batch_size: int
 
 def generation_kwargs(cfg: Config, tokenizer) -> dict:
     "What `generate` gets: length, decoding, and the tokens that pad and stop."
+    from adapterlab.models import stop_token_ids
     kw = dict(max_new_tokens=cfg.eval.max_new_tokens, do_sample=cfg.eval.do_sample,
-              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+              pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer))  # every end-of-turn token
     if cfg.eval.do_sample:
         kw["temperature"] = cfg.eval.temperature
     else:  # the model's own generation_config may carry sampling settings; greedy ignores them, say so explicitly
@@ -546,9 +547,9 @@ def generate_predictions(model, tokenizer, examples: Sequence[Example], cfg: Con
             new = out[:, enc["input_ids"].shape[1]:]
             for j, i in enumerate(batch):
                 toks = new[j].tolist()
-                stop = toks.index(kw["eos_token_id"]) + 1 if kw["eos_token_id"] in toks else len(toks)
-                answers[i] = (tokenizer.decode(toks[:stop], skip_special_tokens=True).strip(), stop,
-                              kw["eos_token_id"] in toks)
+                stop = next((k + 1 for k, t in enumerate(toks) if t in kw["eos_token_id"]), None)
+                answers[i] = (tokenizer.decode(toks[:stop or len(toks)], skip_special_tokens=True).strip(),
+                              stop or len(toks), stop is not None)
             bar.update(len(batch))
     nll = (reference_nll(model, tokenizer, examples, cfg.eval.batch_size, f"{desc} perplexity")
            if "perplexity" in expand_metrics(cfg.eval.metrics, examples=examples) else None)  # `auto` included

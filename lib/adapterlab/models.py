@@ -7,8 +7,10 @@ Docs: https://adapterlab.github.io/adapterlab/models.html.md"""
 # %% ../../nbs/02_models.ipynb #116b8ec8
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
+import importlib.resources
 import json
 import os
 import shutil
@@ -18,11 +20,13 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .config import AdapterlabError, Config
+from .config import AdapterlabError, Config, project_root
 
 # %% auto #0
-__all__ = ['EMBEDDED', 'EmbeddedModel', 'ModelNotFound', 'embedded_path', 'cache_dir', 'sha256_file', 'convert_gguf',
-           'ModelSource', 'resolve_model', 'torch_dtype', 'quantization_config', 'load_tokenizer', 'load_base_model',
+__all__ = ['EMBEDDED', 'END_OF_TURN', 'EmbeddedModel', 'ModelNotFound', 'embedded_path', 'cache_dir', 'sha256_file',
+           'convert_gguf', 'ModelSource', 'resolve_model', 'ChatTemplateError', 'named_chat_templates',
+           'chat_template_setting', 'own_chat_template', 'stop_token_ids', 'apply_chat_template_setting',
+           'model_source', 'portable_name', 'torch_dtype', 'quantization_config', 'load_tokenizer', 'load_base_model',
            'model_weight_files']
 
 # %% ../../nbs/02_models.ipynb #ffe4cbf4
@@ -102,26 +106,161 @@ class ModelSource:
     location: str          # a local folder, or a hub id
     local: bool
 
-def resolve_model(spec: str) -> ModelSource:
-    "Turn `embedded:NAME`, a folder, a `.gguf` file or a hub id into a loadable location (converting GGUF once)."
+@functools.lru_cache(maxsize=16)
+def _digest(path: str, mtime: float, size: int) -> str:
+    return sha256_file(path)
+
+def _gguf_cache(gguf: Path, name: str | None = None) -> Path:
+    "The cache folder a GGUF converts into: the embedded model's name, or the file's content hash."
+    gguf = gguf.resolve()
+    st = gguf.stat()
+    return cache_dir() / "models" / (name or f"gguf-{_digest(str(gguf), st.st_mtime, st.st_size)[:16]}")
+
+def _local_model(spec: str) -> tuple[Path, Path | None] | None:
+    "`(file or folder, GGUF cache folder or None)` of an embedded model, a `.gguf` or a folder; None for a hub id."
     if spec.startswith("embedded:"):
         name = spec.split(":", 1)[1]
         p = embedded_path(name)
-        if p.suffix == ".gguf":
-            p = convert_gguf(p, cache_dir() / "models" / name)
-        return ModelSource(spec, str(p), True)
+        return p, (_gguf_cache(p, name) if p.suffix == ".gguf" else None)
     p = Path(spec).expanduser()
     if p.suffix == ".gguf":
-        if not p.exists():
+        if not p.is_file():
             raise ModelNotFound(f"{spec}: no such GGUF file")
-        return ModelSource(spec, str(convert_gguf(p, cache_dir() / "models" / f"gguf-{sha256_file(p)[:16]}")), True)
+        return p, _gguf_cache(p)
     if p.is_dir():
         if not (p / "config.json").exists():
             raise ModelNotFound(f"{spec}: folder has no config.json; is it a transformers model folder?")
-        return ModelSource(spec, str(p.resolve()), True)
+        return p.resolve(), None
     if p.exists() or spec.startswith((".", "/", "~")):
         raise ModelNotFound(f"{spec}: not a model folder or .gguf file")
-    return ModelSource(spec, spec, False)
+    return None
+
+def resolve_model(spec: str) -> ModelSource:
+    "Turn `embedded:NAME`, a folder, a `.gguf` file or a hub id into a loadable location (converting GGUF once)."
+    local = _local_model(spec)
+    if local is None:
+        return ModelSource(spec, spec, False)
+    path, gguf_cache = local
+    return ModelSource(spec, str(convert_gguf(path, gguf_cache) if gguf_cache else path), True)
+
+
+# %% ../../nbs/02_models.ipynb #f79af5ea
+END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<|end_of_text|>", "<|endoftext|>")
+
+class ChatTemplateError(AdapterlabError, ValueError):
+    "A model without a chat template, or a `model.chat_template` that cannot be used."
+
+def named_chat_templates() -> dict[str, Path]:
+    "The chat templates shipped with adapterlab, by name (`model.chat_template: chatml`)."
+    folder = Path(str(importlib.resources.files("adapterlab") / "chat_templates"))
+    return {p.stem: p for p in sorted(folder.glob("*.jinja"))}
+
+def chat_template_setting(cfg: Config) -> str | None:
+    "The text `model.chat_template` names (a shipped template or a Jinja file), or None when unset."
+    value = cfg.model.chat_template
+    if not value:
+        return None
+    named = named_chat_templates()
+    if value in named:
+        return named[value].read_text(encoding="utf-8")
+    p = Path(value).expanduser()
+    for candidate in ([p] if p.is_absolute() else [p, project_root() / p]):
+        if candidate.is_file():
+            return candidate.read_text(encoding="utf-8")
+    raise ChatTemplateError(f"model.chat_template: {value!r} is neither a named template ({', '.join(named)}) "
+                            f"nor a Jinja file")
+
+def _folder_chat_template(folder: Path) -> str | None:
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        if (folder / name).is_file() and (t := json.loads((folder / name).read_text(encoding="utf-8")).get("chat_template")):
+            return t if isinstance(t, str) else json.dumps(t)
+    return None
+
+def _gguf_chat_template(path: Path) -> str | None:
+    from gguf import GGUFReader
+    field = GGUFReader(str(path)).fields.get("tokenizer.chat_template")
+    return bytes(field.parts[field.data[0]]).decode("utf-8") if field else None
+
+def own_chat_template(spec: str) -> str | None:
+    """The chat template the local model `spec` brings, read without converting or loading it (the converted folder,
+    the GGUF's metadata, the folder's tokenizer files); None when it has none."""
+    path, gguf_cache = _local_model(spec)
+    if gguf_cache is not None and (gguf_cache / "adapterlab_source.json").exists():
+        path = gguf_cache
+    return _folder_chat_template(path) if path.is_dir() else _gguf_chat_template(path)
+
+def _single_token(tokenizer, text: str) -> int | None:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ids[0] if len(ids) == 1 else None
+
+def stop_token_ids(tokenizer) -> list[int]:
+    "The tokens that end a turn: the eos token and each marker of `END_OF_TURN` the chat template uses."
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else json.dumps(tokenizer.chat_template or "")
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for marker in END_OF_TURN:
+        if marker in template and (i := _single_token(tokenizer, marker)) is not None and i not in ids:
+            ids.append(i)
+    return ids
+
+def apply_chat_template_setting(tokenizer, cfg: Config, spec: str) -> None:
+    "Give a tokenizer without a chat template the one `model.chat_template` names; refuse when it cannot work."
+    template = chat_template_setting(cfg)
+    if template is None:
+        raise ChatTemplateError(f"{spec}: the model has no chat template; set model.chat_template to a named template "
+                                f"({', '.join(named_chat_templates())}) or a Jinja file, e.g. "
+                                f"`--set model.chat_template=chatml`")
+    missing = [m for m in END_OF_TURN if m in template and _single_token(tokenizer, m) is None]
+    if missing:
+        fits = [n for n, p in named_chat_templates().items()
+                if not [m for m in END_OF_TURN if m in p.read_text() and _single_token(tokenizer, m) is None]]
+        raise ChatTemplateError(f"model.chat_template: {cfg.model.chat_template}: {' '.join(missing)} is not one token of "
+                                f"{spec}'s vocabulary, so the model could not learn where a turn ends; use "
+                                + (f"one whose markers it has: {', '.join(fits)}" if fits else
+                                   "a Jinja file that ends each turn with {{ eos_token }}"))
+    tokenizer.chat_template = template
+
+
+# %% ../../nbs/02_models.ipynb #2964b0ba
+def _no_template(spec: str) -> ChatTemplateError:
+    return ChatTemplateError(f"{spec}: the model has no chat template; set model.chat_template to a named template "
+                             f"({', '.join(named_chat_templates())}) or a Jinja file, e.g. `--set model.chat_template=chatml`")
+
+def _check_hub_cached(spec: str) -> None:
+    from huggingface_hub import constants, try_to_load_from_cache
+    if not (constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")):
+        return
+    try:
+        cached = try_to_load_from_cache(spec, "config.json")
+    except Exception:  # not even a valid repo id
+        cached = None
+    if not isinstance(cached, str):
+        raise ModelNotFound(f"{spec}: a hub id, but the hub is offline here (HF_HUB_OFFLINE=1) and the model is not in "
+                            f"the local hub cache; download it where you are online (`hf download {spec}`), or name a "
+                            f"local folder, a .gguf file or `embedded:{next(iter(EMBEDDED))}`")
+
+def model_source(cfg: Config) -> ModelSource:
+    """`resolve_model(cfg.model.base_model)`, after the checks that need no conversion or download: the chat template
+    (the model's own, else `model.chat_template`), and, offline, that a hub id is in the local hub cache."""
+    spec = cfg.model.base_model
+    setting = chat_template_setting(cfg)          # an unknown name or a missing file fails here, first
+    if _local_model(spec) is None:                # a hub id: its template is checked when its tokenizer loads
+        _check_hub_cached(spec)
+        return resolve_model(spec)
+    own = own_chat_template(spec)
+    if own is None and setting is None:
+        raise _no_template(spec)
+    if own is not None and setting is not None:
+        print(f"model.chat_template: {cfg.model.chat_template} unused: {spec} has its own chat template, which wins")
+    return resolve_model(spec)
+
+def portable_name(source: ModelSource) -> str:
+    "The base model's name on any machine: its hub id, `embedded:NAME`, the GGUF's file name, or the folder's name."
+    if not source.local or source.spec.startswith("embedded:"):
+        return source.spec
+    return Path(source.spec).expanduser().name
+
 
 # %% ../../nbs/02_models.ipynb #828fe716
 def torch_dtype(name: str):
@@ -143,22 +282,26 @@ def _offline_hint(source: ModelSource, err: Exception) -> ModelNotFound:
                          f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). adapterlab runs offline: use "
                          f"`embedded:{next(iter(EMBEDDED))}`, a local folder or a .gguf file.")
 
-def load_tokenizer(source: ModelSource, cfg: Config):
-    "The tokenizer (with chat template); pads on the right with a real token."
+def load_tokenizer(source: ModelSource, cfg: Config, require_template: bool = True):
+    """The tokenizer with its chat template (the model's own, else `model.chat_template`); pads on the right with a
+    real token. `require_template=False` for models that need none (encoders)."""
     from transformers import AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(source.location, trust_remote_code=cfg.model.trust_remote_code)
     except OSError as e:
         if source.local: raise
         raise _offline_hint(source, e) from e
+    if not tok.chat_template and (require_template or cfg.model.chat_template):
+        apply_chat_template_setting(tok, cfg, source.spec)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 def load_base_model(cfg: Config, source: ModelSource | None = None):
-    "Load the base causal LM and its tokenizer as the profile says; returns `(model, tokenizer, source)`."
+    """Load the base causal LM and its tokenizer as the profile says; returns `(model, tokenizer, source)`. The model's
+    generation config stops on every end-of-turn token of the template."""
     from transformers import AutoModelForCausalLM
-    source = source or resolve_model(cfg.model.base_model)
+    source = source or model_source(cfg)
     tok = load_tokenizer(source, cfg)
     from adapterlab.plan import resolve_dtype   # hw.dtype `auto`: bf16 where the device has it
     kwargs = dict(dtype=torch_dtype(resolve_dtype(cfg)), trust_remote_code=cfg.model.trust_remote_code)
@@ -174,6 +317,8 @@ def load_base_model(cfg: Config, source: ModelSource | None = None):
         model = model.to("cuda")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
+    if stops := stop_token_ids(tok):
+        model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
     return model, tok, source
 
 def model_weight_files(source: ModelSource) -> list[Path]:
@@ -181,3 +326,4 @@ def model_weight_files(source: ModelSource) -> list[Path]:
     if not source.local:
         return []
     return sorted(Path(source.location).glob("*.safetensors"))
+

@@ -446,6 +446,13 @@ def preference_markdown(summary: dict, run_dir: Path) -> str:
         lines += ["", "### What DPO changed on the eval set", "", comparison.strip()]
     return "\n".join(lines)
 
+def _model_choice(run_dir: Path) -> str:
+    "Why this base model, when a hardware profile's default and the experiment disagreed (params_origin.yaml)."
+    import yaml
+    origin = yaml.safe_load(_read(run_dir / "params_origin.yaml") or "{}") or {}
+    why = str(origin.get("model.base_model", ""))
+    return f" (from {why})" if ", over " in why else ""
+
 def headline_markdown(run_dir: Path, state: str, status: dict) -> str:
     """The answer first: base vs adapter on the eval metrics with their 95% intervals and the verdict, or why there is
     no answer yet (the run failed, was interrupted, or has not reached the eval stage)."""
@@ -481,7 +488,8 @@ def report_markdown(run_dir: str | Path) -> str:
                        + (f"[notebook]({r['notebook']})" if r.get("notebook") else (r.get("error", "").splitlines() or [""])[0])
                        + " |" for n, r in status.get("stages", {}).items())
     parts = [f"# Run `{run_dir.name}`\n", headline_markdown(run_dir, state, status) + "\n",
-             f"Experiment **{cfg.experiment}** on hardware profile **{cfg.hw.name}**, base model `{cfg.model.base_model}`, "
+             f"Experiment **{cfg.experiment}** on hardware profile **{cfg.hw.name}**, base model `{cfg.model.base_model}`"
+             f"{_model_choice(run_dir)}, "
              f"LoRA r={cfg.lora.r} α={cfg.lora.alpha} on `{cfg.lora.target_modules}`, seed {cfg.seed}. "
              f"Status: **{state}**.\n",
              "| stage | status | seconds | record |\n|---|---|---|---|\n" + stages + "\n",
