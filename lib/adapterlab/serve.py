@@ -13,6 +13,7 @@ import json
 import shutil
 import tempfile
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -31,7 +32,8 @@ __all__ = ['CHECK_TEXTS', 'FEEDBACK_CLASSES', 'VLLM_DEFAULT_MAX_LORA_RANK', 'art
            'serving_config', 'merge_provenance', 'merged_model_card', 'merge_artifact', 'max_logits_gap', 'merge_check',
            'chat_messages', 'Reply', 'decoding_kwargs', 'complete', 'generate_reply', 'StreamedReply', 'artifact_name',
            'refuse_unverified', 'AdapterSet', 'generate', 'newest_artifact', 'FeedbackError', 'feedback_class',
-           'answer_feedback', 'FeedbackLoop', 'vllm_lora_problems', 'add_cli']
+           'answer_feedback', 'FeedbackLoop', 'open_adapters', 'describe_training_event', 'watch_training',
+           'vllm_lora_problems', 'add_cli']
 
 # %% ../../nbs/12_serve.ipynb #f30fa6c0
 def artifact_config(artifact: str | Path) -> Config:
@@ -533,6 +535,39 @@ class FeedbackLoop:
         return {"queue": {k: q[k] for k in ("path", "records", "by_class", "threshold", "ready")},
                 "training": training, "last_training": self.last, "adapter": self.adapters.active,
                 "adapters": self.adapters.names}
+
+
+# %% ../../nbs/12_serve.ipynb #063ae787
+def open_adapters(artifacts: Sequence[str], cfg: Config, device: str | None = None) -> AdapterSet:
+    "The adapters named (`[NAME=]PATH`), else the newest verified artifact under `cfg`'s runs, else the base alone."
+    if artifacts:
+        return AdapterSet.open(artifacts, device=device)
+    if (found := newest_artifact(cfg)) is not None:
+        return AdapterSet.open([found], device=device)
+    return AdapterSet.from_config(cfg, device=device)
+
+def describe_training_event(event: dict) -> str:
+    "One line for a `FeedbackLoop.poll` event."
+    if event.get("adapter"):
+        return f"training succeeded: adapter {event['adapter']} verified and loaded ({event['artifact']})"
+    return f"training {event['state']}: {event.get('error')} (run folder {event['run_dir']})"
+
+def watch_training(loop: FeedbackLoop, every: float, on_event: Callable[[dict], None],
+                   on_error: Callable[[str], None] = print) -> threading.Thread:
+    "A daemon thread polling `loop` every `every` seconds and handing each event to `on_event`."
+    def watch():
+        while True:
+            time.sleep(every)
+            try:
+                event = loop.poll()
+            except Exception as e:  # a half-written status file or a vanished run folder must not end the watch
+                on_error(f"training watch: {type(e).__name__}: {e}")
+                continue
+            if event:
+                on_event(event)
+    thread = threading.Thread(target=watch, name="adapterlab-training-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 # %% ../../nbs/12_serve.ipynb #cc3cba91

@@ -7,9 +7,9 @@ Docs: https://adapterlab.github.io/adapterlab/server.html.md"""
 # %% auto #0
 __all__ = ['API_KEY_ENV', 'BASE_MODEL_NAME', 'ApiError', 'request_models', 'resolve_model', 'chat_prompt_messages',
            'decoding_options', 'usage', 'chat_completion', 'text_completion', 'sse_events', 'BodyTooLarge', 'BodyLimit',
-           'create_app', 'serve_adapters', 'add_cli']
+           'create_app', 'add_cli']
 
-# %% ../../nbs/16_server.ipynb #c6b3403f
+# %% ../../nbs/16_server.ipynb #636e1229
 import hmac
 import json
 import os
@@ -23,9 +23,10 @@ from typing import Iterator
 
 from .config import AdapterlabError, Config
 from .queue import QueueError
-from .serve import AdapterSet, FeedbackLoop, Reply, StreamedReply
+from .serve import (AdapterSet, FeedbackLoop, Reply, StreamedReply, describe_training_event, open_adapters,
+                              watch_training)
 
-# %% ../../nbs/16_server.ipynb #f3cbf954
+# %% ../../nbs/16_server.ipynb #4d0abdde
 API_KEY_ENV = "ADAPTERLAB_API_KEY"
 BASE_MODEL_NAME = "base"
 
@@ -40,7 +41,7 @@ class ApiError(AdapterlabError):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-# %% ../../nbs/16_server.ipynb #04f20a6c
+# %% ../../nbs/16_server.ipynb #e355a486
 @cache
 def request_models():
     "The pydantic models of the request bodies (built on first use: pydantic comes with the `serve` extra)."
@@ -96,7 +97,7 @@ def request_models():
     return SimpleNamespace(Message=Message, ChatRequest=ChatRequest, CompletionRequest=CompletionRequest,
                            FeedbackRequest=FeedbackRequest, TrainingRequest=TrainingRequest)
 
-# %% ../../nbs/16_server.ipynb #94b5b55a
+# %% ../../nbs/16_server.ipynb #a03459d2
 def resolve_model(adapters: AdapterSet, name: str, base_name: str = BASE_MODEL_NAME) -> dict:
     "`complete` arguments for a request's `model`: an adapter, or the base alone; 404 otherwise."
     if name == base_name:
@@ -121,7 +122,7 @@ def decoding_options(req, limit: int, max_tokens: int | None = None) -> dict:
                        param="max_tokens", code="max_tokens_too_large")
     return {"max_new_tokens": n, "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed}
 
-# %% ../../nbs/16_server.ipynb #42f30498
+# %% ../../nbs/16_server.ipynb #9c0a1449
 def usage(reply: Reply) -> dict:
     return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
             "total_tokens": reply.prompt_tokens + reply.completion_tokens}
@@ -166,7 +167,7 @@ def sse_events(stream: StreamedReply, model: str, *, chat: bool, include_usage: 
         stream.close()
     yield "data: [DONE]\n\n"
 
-# %% ../../nbs/16_server.ipynb #65cc808c
+# %% ../../nbs/16_server.ipynb #a916e05a
 class BodyTooLarge(Exception):
     pass
 
@@ -327,38 +328,17 @@ def create_app(adapters: AdapterSet, cfg: Config, *, loop: FeedbackLoop | None =
     app.include_router(v1)
     return app
 
-# %% ../../nbs/16_server.ipynb #4caf1adb
-def serve_adapters(artifacts, cfg: Config, device: str | None = None) -> AdapterSet:
-    "The adapters named on the command line, else the newest verified artifact, else the base alone."
-    from adapterlab.serve import newest_artifact
-    if artifacts:
-        return AdapterSet.open(artifacts, device=device)
-    if (found := newest_artifact(cfg)) is not None:
-        return AdapterSet.open([found], device=device)
-    return AdapterSet.from_config(cfg, device=device)
-
-def _poll_forever(loop: FeedbackLoop, every: float, say) -> None:
-    while True:
-        time.sleep(every)
-        try:
-            event = loop.poll()
-        except Exception as e:  # a broken status file must not end the watcher
-            say(f"training watch: {type(e).__name__}: {e}")
-            continue
-        if event:
-            say(f"training {event['state']}: " + (f"adapter {event['adapter']} loaded ({event['artifact']})"
-                                                  if event.get("adapter") else str(event.get("error"))))
-
+# %% ../../nbs/16_server.ipynb #db851a4c
 def _cmd_serve(args) -> int:
     import uvicorn
     from adapterlab.queue import training_config
     cfg, _ = training_config(args.experiment, args.hw, args.set)
     host, port = args.host or cfg.serve.host, cfg.serve.port if args.port is None else args.port
     api_key = os.environ.get(API_KEY_ENV) or None
-    adapters = serve_adapters(args.artifacts, cfg, args.device)
+    adapters = open_adapters(args.artifacts, cfg, args.device)
     loop = FeedbackLoop(adapters, args.experiment, args.hw, args.set, activate=False)
     say = lambda m: print(f"adapterlab serve: {m}", file=sys.stderr, flush=True)
-    threading.Thread(target=_poll_forever, args=(loop, cfg.serve.poll_seconds, say), daemon=True).start()
+    watch_training(loop, cfg.serve.poll_seconds, lambda e: say(describe_training_event(e)), say)
     app = create_app(adapters, cfg, loop=loop, api_key=api_key, base_name=args.base_name)
     names = ", ".join(f"{n} ({p})" for n, p in adapters.artifacts.items()) or "none"
     say(f"base {adapters.cfg.model.base_model} as `{args.base_name}`; adapters: {names}")
