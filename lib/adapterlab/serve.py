@@ -24,7 +24,7 @@ from .artifact import (ArtifactError, load_verified_adapter, package_versions, r
 from .config import (AdapterlabError, Config, build_dataclass, load_layer, merge_layers, params_dir,
                                runs_root)
 from .models import ModelSource, load_base_model, sha256_file, torch_dtype
-from .queue import (append_records, feedback_record, queue_path, queue_status, running_training,
+from .queue import (QueueError, append_records, feedback_record, queue_path, queue_status, running_training,
                               start_training, training_config, training_status)
 
 # %% auto #0
@@ -465,6 +465,7 @@ class FeedbackLoop:
         self.path, self.activate = queue_path(self.cfg), activate
         self.job: dict | None = None   # the training being watched: run_dir, pid, records, process (None if adopted)
         self.last: dict | None = None  # how the last watched training ended
+        self._done: set[str] = set()    # run folders whose ending was handled (their marker may linger a moment)
         self._lock = threading.Lock()
 
     def add(self, kind: str, query: str, answer: str, text: str | None = None) -> dict:
@@ -473,7 +474,10 @@ class FeedbackLoop:
         n = append_records(self.path, [rec])
         started = None
         if n >= self.cfg.queue.threshold and running_training(self.path) is None:
-            started = self.train()
+            try:
+                started = self.train()
+            except QueueError:  # another process started one a moment ago: this record waits for the next
+                pass
         return {"class": feedback_class(kind), "weight": rec["weight"], "queued": n,
                 "threshold": self.cfg.queue.threshold, "training_started": started}
 
@@ -487,7 +491,8 @@ class FeedbackLoop:
     def poll(self) -> dict | None:
         "Look at the watched training; once it has ended, load its adapter (if verified). Returns that event, once."
         with self._lock:
-            if self.job is None and (running := running_training(self.path)):  # started elsewhere: watch it too
+            running = running_training(self.path)
+            if self.job is None and running and running["run_dir"] not in self._done:  # started elsewhere: watch it too
                 self.job = {"run_dir": Path(running["run_dir"]), "pid": running["pid"], "process": None}
             if self.job is None:
                 return None
@@ -504,6 +509,7 @@ class FeedbackLoop:
             if proc is not None:
                 proc.wait()  # reap it: the worker has written its final state and is only releasing the queue's marker
             self.job = None
+            self._done.add(str(run_dir))
             event = {"run_dir": str(run_dir), "state": st["state"], "error": st.get("error")}
             if st["state"] == "succeeded":
                 name = run_dir.name
