@@ -9,7 +9,7 @@ __all__ = ['API_KEY_ENV', 'BASE_MODEL_NAME', 'ApiError', 'request_models', 'reso
            'decoding_options', 'usage', 'chat_completion', 'text_completion', 'sse_events', 'BodyTooLarge', 'BodyLimit',
            'create_app', 'add_cli']
 
-# %% ../../nbs/16_server.ipynb #1b79258e
+# %% ../../nbs/16_server.ipynb #b5d99fe9
 import hmac
 import json
 import os
@@ -26,7 +26,7 @@ from .queue import QueueError
 from .serve import (AdapterSet, FeedbackLoop, Reply, StreamedReply, describe_training_event, open_adapters,
                               watch_training)
 
-# %% ../../nbs/16_server.ipynb #d055e0f5
+# %% ../../nbs/16_server.ipynb #b688b4c4
 API_KEY_ENV = "ADAPTERLAB_API_KEY"
 BASE_MODEL_NAME = "base"
 
@@ -41,7 +41,7 @@ class ApiError(AdapterlabError):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-# %% ../../nbs/16_server.ipynb #4defd71b
+# %% ../../nbs/16_server.ipynb #90ed9915
 @cache
 def request_models():
     "The pydantic models of the request bodies (built on first use: pydantic comes with the `serve` extra)."
@@ -97,7 +97,7 @@ def request_models():
     return SimpleNamespace(Message=Message, ChatRequest=ChatRequest, CompletionRequest=CompletionRequest,
                            FeedbackRequest=FeedbackRequest, TrainingRequest=TrainingRequest)
 
-# %% ../../nbs/16_server.ipynb #cc92cd4b
+# %% ../../nbs/16_server.ipynb #cdf166b3
 def resolve_model(adapters: AdapterSet, name: str, base_name: str = BASE_MODEL_NAME) -> dict:
     "`complete` arguments for a request's `model`: an adapter, or the base alone; 404 otherwise."
     if name == base_name:
@@ -122,7 +122,7 @@ def decoding_options(req, limit: int, max_tokens: int | None = None) -> dict:
                        param="max_tokens", code="max_tokens_too_large")
     return {"max_new_tokens": n, "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed}
 
-# %% ../../nbs/16_server.ipynb #232dc898
+# %% ../../nbs/16_server.ipynb #0a005f45
 def usage(reply: Reply) -> dict:
     return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
             "total_tokens": reply.prompt_tokens + reply.completion_tokens}
@@ -167,7 +167,7 @@ def sse_events(stream: StreamedReply, model: str, *, chat: bool, include_usage: 
         stream.close()
     yield "data: [DONE]\n\n"
 
-# %% ../../nbs/16_server.ipynb #63634c4a
+# %% ../../nbs/16_server.ipynb #15c700ac
 class BodyTooLarge(Exception):
     pass
 
@@ -328,7 +328,7 @@ def create_app(adapters: AdapterSet, cfg: Config, *, loop: FeedbackLoop | None =
     app.include_router(v1)
     return app
 
-# %% ../../nbs/16_server.ipynb #c94b1c3d
+# %% ../../nbs/16_server.ipynb #6f049107
 def _cmd_serve(args) -> int:
     import uvicorn
     from adapterlab.config import quiet_stage_output
