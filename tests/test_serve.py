@@ -190,3 +190,46 @@ def test_vllm_lora_loader_checks(tmp_path):
     problems = vllm_lora_problems(d)
     assert len(problems) == 1 and "not a tensor name vLLM's LoRA loader parses" in problems[0]
     assert verify_artifact(art) == []
+
+
+def test_feedback_classes_and_records():
+    """The seed's /critical /medium /good as queue records: /medium is the queue's `improvement`; a correction is the
+    answer to learn and the model's answer is kept as `rejected`, which is what the preference stage reads."""
+    from adapterlab.serve import FeedbackError, answer_feedback, feedback_class
+    cfg, _ = resolve_config("ci", "cpu")
+    assert [feedback_class(k) for k in ("/critical", "medium", "improvement", "GOOD")] == \
+        ["critical", "improvement", "improvement", "good"]
+    with pytest.raises(FeedbackError, match="unknown feedback class 'bad'"):
+        feedback_class("bad")
+    crit = answer_feedback(cfg, "critical", "Q?", "wrong", " right ")
+    assert crit == {"query": "Q?", "response": "right", "weight": 10.0, "feedback": "critical", "rejected": "wrong"}
+    assert answer_feedback(cfg, "medium", "Q?", "ok", "better") == {
+        "query": "Q?", "response": "better", "weight": 3.0, "feedback": "improvement", "rejected": "ok"}
+    assert answer_feedback(cfg, "medium", "Q?", "ok") == {"query": "Q?", "response": "ok", "weight": 3.0,
+                                                          "feedback": "improvement"}
+    assert answer_feedback(cfg, "good", "Q?", "fine", "clear") == {"query": "Q?", "response": "fine", "weight": 1.0,
+                                                                   "feedback": "clear"}
+    with pytest.raises(FeedbackError, match="needs the answer that should have been given"):
+        answer_feedback(cfg, "critical", "Q?", "wrong", "  ")
+    from adapterlab.preference import pairs_from_queue
+    pairs, _ = pairs_from_queue([crit], cfg)
+    assert [(p.chosen, p.rejected) for p in pairs] == [("right", "wrong")]
+
+
+def test_streamed_reply_is_the_reply_and_stops_when_closed(tmp_path):
+    """Streaming decodes the same tokens as one call; closing a stream stops the generation at the next token."""
+    adapters = AdapterSet.open([_second_domain_artifact(tmp_path / "run")])
+    text = adapters.prompt_text(TEXTS[0])
+    whole = adapters.complete(text, max_new_tokens=10)
+    assert 0 < whole.completion_tokens <= 10 and whole.prompt_tokens > 20
+    stream = adapters.complete(text, max_new_tokens=10, stream=True)
+    assert "".join(stream).strip() == whole.text and stream.reply == whole
+    long = adapters.complete(adapters.prompt_text("Tell me a long story about a lighthouse keeper."),
+                             max_new_tokens=400, stream=True)
+    next(iter(long))
+    long.close()  # the client went away after the first words
+    assert long.reply.completion_tokens < 40 and long.reply.finish_reason == "length", long.reply
+    # seeded sampling repeats itself; greedy is what `generate` prints
+    a, b = (adapters.complete(text, max_new_tokens=8, temperature=1.5, seed=7).text for _ in range(2))
+    assert a == b
+    assert adapters.generate(TEXTS[0], max_new_tokens=10) == whole.text

@@ -47,6 +47,10 @@ COMMANDS = {
               ["adapterlab merge outputs/runs/RUN_ID/artifact --check"]),
     "generate": ("adapterlab.serve", "load base + verified adapter(s) and answer a prompt",
                  ['adapterlab generate outputs/runs/RUN_ID/artifact --prompt "Extract the contact: ..."']),
+    "serve": ("adapterlab.server", "OpenAI-compatible HTTP server: base + verified adapters, feedback, training",
+              ["adapterlab serve contacts=outputs/runs/RUN_ID/artifact", "adapterlab serve -f ci --port 8001"]),
+    "chat": ("adapterlab.chat", "talk to base + adapter; /critical /medium /good feed the queue, which trains in the "
+             "background and switches to the new adapter", ["adapterlab chat", "adapterlab chat -f ci --set queue.threshold=5"]),
     "docs": ("adapterlab.docs", "build the docs site; README.md from nbs/index.ipynb",
              ["adapterlab docs build", "adapterlab docs readme --check"]),
     "keys": ("adapterlab.signing", "show the local signing key and the trusted keys, or trust a public key",

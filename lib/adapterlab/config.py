@@ -23,11 +23,11 @@ import yaml
 
 # %% auto #0
 __all__ = ['NAME_PATTERN', 'SECTIONS', 'project_root', 'params_dir', 'spec', 'ModelConfig', 'LoraConfig', 'DataConfig',
-           'TrainConfig', 'HwConfig', 'EvalConfig', 'QueueConfig', 'PreferenceConfig', 'TrackingConfig', 'OutputConfig',
-           'Config', 'AdapterlabError', 'ConfigError', 'RunNotFound', 'Layer', 'load_layer', 'overrides_layer',
-           'merge_layers', 'build_dataclass', 'find_params_file', 'resolve_config', 'HardwareError', 'check_hardware',
-           'redact_secrets', 'config_to_dict', 'config_from_dict', 'runs_root', 'new_run_id', 'make_run_dir',
-           'save_config', 'load_run_config', 'quiet_stage_output', 'injected_sections', 'open_run']
+           'TrainConfig', 'HwConfig', 'EvalConfig', 'QueueConfig', 'PreferenceConfig', 'TrackingConfig', 'ServeConfig',
+           'OutputConfig', 'Config', 'AdapterlabError', 'ConfigError', 'RunNotFound', 'Layer', 'load_layer',
+           'overrides_layer', 'merge_layers', 'build_dataclass', 'find_params_file', 'resolve_config', 'HardwareError',
+           'check_hardware', 'redact_secrets', 'config_to_dict', 'config_from_dict', 'runs_root', 'new_run_id',
+           'make_run_dir', 'save_config', 'load_run_config', 'quiet_stage_output', 'injected_sections', 'open_run']
 
 # %% ../../nbs/00_config.ipynb #a79fcff1
 def project_root() -> Path:
@@ -171,6 +171,14 @@ class TrackingConfig:
     progress_lines: int = spec("when stdout is not a terminal: progress lines per training or eval phase", ge=1)
 
 @dataclass
+class ServeConfig:
+    host: str = spec("address `adapterlab serve` binds; 127.0.0.1 keeps it on this machine")
+    port: int = spec("port of `adapterlab serve`", ge=0, le=65535)
+    max_request_bytes: int = spec("largest request body the server reads (larger: 413)", ge=1)
+    max_tokens: int = spec("largest `max_tokens` a request may ask for (larger: 400)", ge=1)
+    poll_seconds: float = spec("how often chat and serve look at a background training", gt=0)
+
+@dataclass
 class OutputConfig:
     root: str = spec("where run folders go, relative to the project")
     overwrite: bool = spec("replace an existing artifact of the same name")
@@ -188,6 +196,7 @@ class Config:
     queue: QueueConfig = spec("feedback queue")
     preference: PreferenceConfig = spec("preference tuning (DPO)")
     tracking: TrackingConfig = spec("live progress, run status, TensorBoard / MLflow / W&B")
+    serve: ServeConfig = spec("`adapterlab serve` and `adapterlab chat`")
     output: OutputConfig = spec("outputs")
 
 # %% ../../nbs/00_config.ipynb #53cfc6c3

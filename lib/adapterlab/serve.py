@@ -7,24 +7,33 @@ Docs: https://adapterlab.github.io/adapterlab/serve.html.md"""
 # %% ../../nbs/12_serve.ipynb #53c74983
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
 import tempfile
+import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import adapterlab
 from .artifact import (ArtifactError, load_verified_adapter, package_versions, redact_secrets,
                                  require_verified, verify_artifact)
-from .config import Config, build_dataclass, load_layer, merge_layers, params_dir
+from .config import (AdapterlabError, Config, build_dataclass, load_layer, merge_layers, params_dir,
+                               runs_root)
 from .models import ModelSource, load_base_model, sha256_file, torch_dtype
+from .queue import (QueueError, append_records, feedback_record, queue_path, queue_status, running_training,
+                              start_training, training_config, training_status)
 
 # %% auto #0
-__all__ = ['CHECK_TEXTS', 'VLLM_DEFAULT_MAX_LORA_RANK', 'artifact_config', 'serving_config', 'merge_provenance',
-           'merged_model_card', 'merge_artifact', 'max_logits_gap', 'merge_check', 'chat_messages', 'generate_reply',
-           'artifact_name', 'AdapterSet', 'generate', 'vllm_lora_problems', 'add_cli']
+__all__ = ['CHECK_TEXTS', 'FEEDBACK_CLASSES', 'VLLM_DEFAULT_MAX_LORA_RANK', 'artifact_config', 'inference_config',
+           'serving_config', 'merge_provenance', 'merged_model_card', 'merge_artifact', 'max_logits_gap', 'merge_check',
+           'chat_messages', 'Reply', 'decoding_kwargs', 'complete', 'generate_reply', 'StreamedReply', 'artifact_name',
+           'refuse_unverified', 'AdapterSet', 'generate', 'newest_artifact', 'FeedbackError', 'feedback_class',
+           'answer_feedback', 'FeedbackLoop', 'open_adapters', 'describe_training_event', 'watch_training',
+           'vllm_lora_problems', 'add_cli']
 
 # %% ../../nbs/12_serve.ipynb #f30fa6c0
 def artifact_config(artifact: str | Path) -> Config:
@@ -36,17 +45,22 @@ def artifact_config(artifact: str | Path) -> Config:
     merged, origin = merge_layers([load_layer(params_dir() / "defaults.yaml"), load_layer(path)])
     return build_dataclass(Config, merged, origin)
 
-def serving_config(artifact: str | Path, *, device: str | None = None, quantization: str | None = None,
-                   dtype: str | None = None) -> Config:
-    "The artifact's config with the base placed for inference: as trained where this machine can, else fp32 on the CPU."
+def inference_config(cfg: Config, *, device: str | None = None, quantization: str | None = None,
+                     dtype: str | None = None) -> Config:
+    "`cfg` with the base placed for inference: as configured where this machine can, else fp32 on the CPU."
     import torch
-    cfg = artifact_config(artifact)
     hw = cfg.hw
     device = device or (hw.device if hw.device != "cuda" or torch.cuda.is_available() else "cpu")
     if device == "cpu":  # bitsandbytes 4-bit and half precision are GPU formats; on a CPU full precision is the fast one
         quantization, dtype = quantization or "none", dtype or "float32"
-    cfg.hw = dataclasses.replace(hw, device=device, quantization=quantization or hw.quantization, dtype=dtype or hw.dtype)
-    return cfg
+    return dataclasses.replace(cfg, hw=dataclasses.replace(hw, device=device, quantization=quantization or hw.quantization,
+                                                           dtype=dtype or hw.dtype))
+
+def serving_config(artifact: str | Path, *, device: str | None = None, quantization: str | None = None,
+                   dtype: str | None = None) -> Config:
+    "The artifact's config with the base placed for inference (`inference_config`)."
+    return inference_config(artifact_config(artifact), device=device, quantization=quantization, dtype=dtype)
+
 
 # %% ../../nbs/12_serve.ipynb #048c6cf9
 def merge_provenance(artifact: Path, source: ModelSource, dtype: str) -> dict:
@@ -158,20 +172,103 @@ def chat_messages(prompt: str | list[dict], system: str | None = None) -> list[d
         messages = [{"role": "system", "content": system}, *messages]
     return messages
 
-def generate_reply(model, tokenizer, messages: list[dict], cfg: Config, max_new_tokens: int | None = None) -> str:
-    "The model's answer to a conversation, decoded as the eval stage decodes."
-    import torch
-    from transformers import set_seed
-    from adapterlab.eval import chat_prompt, generation_kwargs
+@dataclasses.dataclass
+class Reply:
+    "A generated answer and what an API reports about it."
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop": the model ended its turn; "length": max_new_tokens reached (or stopped early)
+
+def decoding_kwargs(cfg: Config, tokenizer, *, max_new_tokens: int | None = None, temperature: float | None = None,
+                    top_p: float | None = None) -> dict:
+    "`generate` arguments: the eval stage's decoding, with a request's length and sampling on top (temperature 0: greedy)."
+    from adapterlab.eval import generation_kwargs
     kw = generation_kwargs(cfg, tokenizer)
     if max_new_tokens:
         kw["max_new_tokens"] = max_new_tokens
-    enc = tokenizer(chat_prompt(tokenizer, messages), add_special_tokens=False, return_tensors="pt")
-    enc = enc.to(next(model.parameters()).device)
-    set_seed(cfg.seed)
+    if temperature == 0:
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    elif temperature is not None:
+        kw.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=None)  # OpenAI's sampling: no top-k
+    if top_p is not None and kw["do_sample"]:
+        kw["top_p"] = top_p
+    return kw
+
+def _stop_when(event: threading.Event):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return event.is_set()
+    return StoppingCriteriaList([Cancelled()])
+
+def complete(model, tokenizer, text: str, cfg: Config, *, max_new_tokens: int | None = None,
+             temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+             strip: bool = True, streamer=None, cancel: threading.Event | None = None) -> Reply:
+    "Continue `text` (chat template applied, or raw); decoded as the eval stage decodes, seeded with `cfg.seed` by default."
+    import torch
+    from transformers import set_seed
+    kw = decoding_kwargs(cfg, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    if cancel is not None:
+        kw["stopping_criteria"] = _stop_when(cancel)
+    enc = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(next(model.parameters()).device)
+    set_seed(cfg.seed if seed is None else seed)
     with torch.inference_mode():
-        out = model.eval().generate(**enc, **kw)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        out = model.eval().generate(**enc, streamer=streamer, **kw)
+    new = out[0, enc["input_ids"].shape[1]:].tolist()
+    eos = kw["eos_token_id"]
+    eos = {eos} if isinstance(eos, int) else set(eos or ())
+    answer = tokenizer.decode(new, skip_special_tokens=True)
+    return Reply(answer.strip() if strip else answer, enc["input_ids"].shape[1], len(new),
+                 "stop" if new and new[-1] in eos else "length")
+
+def generate_reply(model, tokenizer, messages: list[dict], cfg: Config, max_new_tokens: int | None = None) -> str:
+    "The model's answer to a conversation, decoded as the eval stage decodes."
+    from adapterlab.eval import chat_prompt
+    return complete(model, tokenizer, chat_prompt(tokenizer, messages), cfg, max_new_tokens=max_new_tokens).text
+
+class StreamedReply:
+    "A generation running in a thread: iterate for the text as it is decoded; `.reply` once done; `close()` stops it."
+
+    def __init__(self, run: Callable, tokenizer, strip: bool = True):
+        from transformers import TextIteratorStreamer
+        self.streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.cancel, self.strip = threading.Event(), strip
+        self.reply: Reply | None = None
+        self.error: BaseException | None = None
+        self._drained = False
+        self._thread = threading.Thread(target=self._work, args=(run,), daemon=True)
+        self._thread.start()
+
+    def _work(self, run):
+        try:
+            self.reply = run(self.streamer, self.cancel)
+        except BaseException as e:  # handed to the reader, who re-raises it
+            self.error = e
+            self.streamer.end()
+
+    def __iter__(self):
+        started = not self.strip
+        for piece in self.streamer:
+            if not started:  # the final text is stripped; the stream starts where it starts
+                piece = piece.lstrip()
+                started = bool(piece)
+            if piece:
+                yield piece
+        self._drained = True
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        "Stop the generation (at the next token) and wait for its thread."
+        self.cancel.set()
+        if not self._drained:  # read to the end-of-stream mark, so nothing is left waiting on the queue
+            for _ in self.streamer:
+                pass
+            self._drained = True
+        self._thread.join()
+
 
 # %% ../../nbs/12_serve.ipynb #dc1b39c7
 def _base_identity(artifact: Path) -> tuple:
@@ -202,12 +299,18 @@ def artifact_name(artifact: Path, taken: set[str] = frozenset()) -> str:
         candidate, n = f"{name}-{n}", n + 1
     return candidate
 
+def refuse_unverified(folder: Path, base_location: str | Path | None = None) -> None:
+    "Raise `ArtifactError` with every verification problem of an artifact, before anything of it is loaded."
+    if problems := verify_artifact(folder, base_location):
+        raise ArtifactError(f"{folder}: refusing to load an artifact that fails verification:\n  " + "\n  ".join(problems))
+
 class AdapterSet:
-    "One base model in memory with several verified adapters, switched by name."
+    "One base model in memory with several verified adapters, switched by name; one generation at a time (`lock`)."
 
     def __init__(self, cfg: Config, base_model, tokenizer, source: ModelSource):
         self.cfg, self.model, self.tokenizer, self.source = cfg, base_model, tokenizer, source
         self.artifacts: dict[str, Path] = {}
+        self.lock = threading.RLock()  # the active adapter is model state: whoever generates or switches holds it
         self._base = None
 
     @classmethod
@@ -216,6 +319,8 @@ class AdapterSet:
         items = _named(artifacts)
         if not items:
             raise ValueError("AdapterSet.open: no artifact given")
+        for _, path in items:  # every artifact checked before the base is loaded: a bad one fails in a second
+            refuse_unverified(path)
         cfg = serving_config(items[0][1], device=device)
         base, tokenizer, source = load_base_model(cfg)
         adapters = cls(cfg, base, tokenizer, source)
@@ -223,6 +328,12 @@ class AdapterSet:
             adapters.add(name, path)
         adapters.use(items[0][0])
         return adapters
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, device: str | None = None) -> "AdapterSet":
+        "The base model `cfg` names, with no adapter yet (`add` loads them)."
+        cfg = inference_config(cfg, device=device)
+        return cls(cfg, *load_base_model(cfg))
 
     @property
     def names(self) -> list[str]:
@@ -234,48 +345,232 @@ class AdapterSet:
 
     def add(self, name: str, artifact: str | Path) -> None:
         "Verify an artifact and load it as adapter `name` (the active adapter does not change, except for the first)."
-        folder = require_verified(artifact, self.model)
-        if name in self.artifacts:
-            raise ValueError(f"adapter name {name!r} is already taken by {self.artifacts[name]}")
-        identity = _base_identity(folder)
-        if self._base is not None and identity != self._base:
-            first = next(iter(self.artifacts.values()))
-            raise ArtifactError(f"{folder}: trained on a different base model than {first} (weight file hashes differ); "
-                                f"adapters can only share a base they were trained on")
-        self.model = load_verified_adapter(folder, self.model, adapter_name=name)
-        self.model.eval()
-        self._base = identity
-        self.artifacts[name] = folder
+        with self.lock:
+            folder = require_verified(artifact, self.model)
+            if name in self.artifacts:
+                raise ValueError(f"adapter name {name!r} is already taken by {self.artifacts[name]}")
+            identity = _base_identity(folder)
+            if self._base is not None and identity != self._base:
+                first = next(iter(self.artifacts.values()))
+                raise ArtifactError(f"{folder}: trained on a different base model than {first} (weight file hashes "
+                                    f"differ); adapters can only share a base they were trained on")
+            self.model = load_verified_adapter(folder, self.model, adapter_name=name)
+            self.model.eval()
+            self._base = identity
+            self.artifacts[name] = folder
 
     def use(self, name: str) -> "AdapterSet":
         "Make adapter `name` the active one."
-        if name not in self.artifacts:
-            raise KeyError(f"no adapter named {name!r} (loaded: {', '.join(self.artifacts) or 'none'})")
-        self.model.set_adapter(name)
+        with self.lock:
+            if name not in self.artifacts:
+                raise KeyError(f"no adapter named {name!r} (loaded: {', '.join(self.artifacts) or 'none'})")
+            self.model.set_adapter(name)
         return self
 
     def base(self):
         "Context in which every adapter is off: the plain base model."
-        return self.model.disable_adapter()
+        return self.model.disable_adapter() if self.artifacts else contextlib.nullcontext()
+
+    def prompt_text(self, prompt: str | list[dict], system: str | None = None) -> str:
+        "A prompt (user message or conversation) in the chat template, after the system message (default: the config's)."
+        from adapterlab.eval import chat_prompt
+        return chat_prompt(self.tokenizer, chat_messages(prompt, system if system is not None else self.cfg.data.system_prompt))
+
+    def complete(self, text: str, *, adapter: str | None = None, base: bool = False, stream: bool = False,
+                 **decoding) -> Reply | StreamedReply:
+        "Continue prompt text with adapter `adapter` (default: the active one) or the base alone; see `complete`."
+        if adapter is not None and adapter not in self.artifacts:
+            raise KeyError(f"no adapter named {adapter!r} (loaded: {', '.join(self.artifacts) or 'none'})")
+
+        def run(streamer=None, cancel=None) -> Reply:
+            with self.lock:
+                if adapter is not None and not base:
+                    self.use(adapter)
+                with self.base() if base else contextlib.nullcontext():
+                    return complete(self.model, self.tokenizer, text, self.cfg, streamer=streamer, cancel=cancel, **decoding)
+        return StreamedReply(run, self.tokenizer, strip=decoding.get("strip", True)) if stream else run()
 
     def generate(self, prompt: str | list[dict], *, adapter: str | None = None, system: str | None = None,
                  max_new_tokens: int | None = None) -> str:
         "Answer `prompt` with adapter `adapter` (default: the active one)."
-        if adapter is not None:
-            self.use(adapter)
-        messages = chat_messages(prompt, system if system is not None else self.cfg.data.system_prompt)
-        return generate_reply(self.model, self.tokenizer, messages, self.cfg, max_new_tokens)
+        return self.complete(self.prompt_text(prompt, system), adapter=adapter, max_new_tokens=max_new_tokens).text
 
     def generate_base(self, prompt: str | list[dict], *, system: str | None = None,
                       max_new_tokens: int | None = None) -> str:
         "Answer `prompt` with the base model alone."
-        with self.base():
-            return self.generate(prompt, system=system, max_new_tokens=max_new_tokens)
+        return self.complete(self.prompt_text(prompt, system), base=True, max_new_tokens=max_new_tokens).text
 
 def generate(artifact: str | Path, prompt: str | list[dict], *, system: str | None = None,
              max_new_tokens: int | None = None, device: str | None = None) -> str:
     "Load base + one verified adapter and answer one prompt."
     return AdapterSet.open([artifact], device=device).generate(prompt, system=system, max_new_tokens=max_new_tokens)
+
+def newest_artifact(cfg: Config) -> Path | None:
+    "The most recently written artifact under `cfg`'s runs folder that verifies and was trained on `cfg`'s base model."
+    metas = sorted(runs_root(cfg).glob("*/artifact*/metadata.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for meta in metas:
+        try:
+            spec = json.loads(meta.read_text()).get("base_model", {}).get("spec")
+        except (OSError, json.JSONDecodeError):
+            continue
+        if spec == cfg.model.base_model and not verify_artifact(meta.parent):
+            return meta.parent
+    return None
+
+
+# %% ../../nbs/12_serve.ipynb #2698ee27
+FEEDBACK_CLASSES = {"critical": "critical", "medium": "improvement", "improvement": "improvement", "good": "good"}
+
+class FeedbackError(AdapterlabError, ValueError):
+    "Feedback that cannot be queued as given."
+
+def feedback_class(name: str) -> str:
+    "The queue's class for a feedback name: the seed's `medium` is the queue's `improvement`."
+    try:
+        return FEEDBACK_CLASSES[str(name).lower().lstrip("/")]
+    except KeyError:
+        raise FeedbackError(f"unknown feedback class {name!r} (known: critical, medium (= improvement), good)") from None
+
+def answer_feedback(cfg: Config, kind: str, query: str, answer: str, text: str | None = None) -> dict:
+    "The queue record for feedback of class `kind` on `answer` to `query` (`text`: the correction, or a note for good)."
+    kind, text = feedback_class(kind), (text or "").strip() or None
+    if kind == "critical" and not text:
+        raise FeedbackError("critical feedback needs the answer that should have been given (`/critical <correction>`)")
+    if kind == "good" or text is None:
+        return feedback_record(cfg, kind, query, answer, text if kind == "good" else None)
+    return {**feedback_record(cfg, kind, query, text), "rejected": answer}
+
+def _progress(run_dir: Path) -> dict:
+    from adapterlab.config import load_run_config
+    from adapterlab.train import read_metrics
+    logged = [r for r in read_metrics(run_dir) if "loss" in r]
+    try:
+        max_steps = load_run_config(run_dir).train.max_steps
+    except (OSError, AdapterlabError):
+        max_steps = -1
+    out = {"step": logged[-1]["step"], "loss": logged[-1]["loss"]} if logged else {"step": 0}
+    return {**out, "max_steps": max_steps} if max_steps > 0 else out
+
+class FeedbackLoop:
+    "Feedback into the queue; the queue worker at the threshold; its verified adapter loaded and made active."
+
+    def __init__(self, adapters: AdapterSet, experiment: str | None = None, hw: str = "cpu",
+                 overrides: Sequence[str] = (), *, activate: bool = True):
+        self.adapters, self.experiment, self.hw, self.overrides = adapters, experiment, hw, list(overrides)
+        self.cfg, _ = training_config(experiment, hw, self.overrides)
+        self.path, self.activate = queue_path(self.cfg), activate
+        self.job: dict | None = None   # the training being watched: run_dir, pid, records, process (None if adopted)
+        self.last: dict | None = None  # how the last watched training ended
+        self._done: set[str] = set()    # run folders whose ending was handled (their marker may linger a moment)
+        self._lock = threading.Lock()
+
+    def add(self, kind: str, query: str, answer: str, text: str | None = None) -> dict:
+        "Queue feedback on an answer; start training when the queue reaches the threshold and none is running."
+        rec = answer_feedback(self.cfg, kind, query, answer, text)
+        n = append_records(self.path, [rec])
+        started = None
+        if n >= self.cfg.queue.threshold and running_training(self.path) is None:
+            try:
+                started = self.train()
+            except QueueError:  # another process started one a moment ago: this record waits for the next
+                pass
+        return {"class": feedback_class(kind), "weight": rec["weight"], "queued": n,
+                "threshold": self.cfg.queue.threshold, "training_started": started}
+
+    def train(self, force: bool = False) -> dict:
+        "Start the queue worker now (`QueueError` below the threshold unless `force`, or when one is running)."
+        with self._lock:
+            job = start_training(self.experiment, self.hw, self.overrides, force=force)
+            self.job = job
+            return {"run_dir": str(job["run_dir"]), "pid": job["pid"], "records": job["records"], "log": str(job["log"])}
+
+    def poll(self) -> dict | None:
+        "Look at the watched training; once it has ended, load its adapter (if verified). Returns that event, once."
+        with self._lock:
+            running = running_training(self.path)
+            if self.job is None and running and running["run_dir"] not in self._done:  # started elsewhere: watch it too
+                self.job = {"run_dir": Path(running["run_dir"]), "pid": running["pid"], "process": None}
+            if self.job is None:
+                return None
+            run_dir, proc = Path(self.job["run_dir"]), self.job.get("process")
+            exited = proc.poll() is not None if proc is not None else running_training(self.path) is None
+            try:
+                st = training_status(run_dir)
+            except (OSError, json.JSONDecodeError):
+                st = {"state": "starting"}
+            if st["state"] not in ("succeeded", "failed"):
+                if not exited:
+                    return None
+                st = {**st, "state": "failed", "error": f"the worker exited without reporting; see {run_dir / 'queue_train.log'}"}
+            if proc is not None:
+                proc.wait()  # reap it: the worker has written its final state and is only releasing the queue's marker
+            self.job = None
+            self._done.add(str(run_dir))
+            event = {"run_dir": str(run_dir), "state": st["state"], "error": st.get("error")}
+            if st["state"] == "succeeded":
+                name = run_dir.name
+                n = 2
+                while name in self.adapters.artifacts:
+                    name, n = f"{run_dir.name}-{n}", n + 1
+                try:
+                    self.adapters.add(name, st["artifact"])
+                    if self.activate:
+                        self.adapters.use(name)
+                    event.update(adapter=name, artifact=st["artifact"])
+                except (AdapterlabError, ValueError) as e:
+                    event.update(state="refused", error=str(e))
+            self.last = event
+            return event
+
+    def status(self) -> dict:
+        "The queue (records by class, threshold), the watched training and its progress, the adapters."
+        q = queue_status(self.cfg)
+        training = None
+        if (job := self.job) is not None:
+            try:
+                state = training_status(job["run_dir"])["state"]
+            except (OSError, json.JSONDecodeError):
+                state = "starting"
+            training = {"run_dir": str(job["run_dir"]), "pid": job["pid"], "state": state, **_progress(Path(job["run_dir"]))}
+        elif q["training"]:
+            training = {"run_dir": q["training"]["run_dir"], "pid": q["training"]["pid"], "state": "running"}
+        return {"queue": {k: q[k] for k in ("path", "records", "by_class", "threshold", "ready")},
+                "training": training, "last_training": self.last, "adapter": self.adapters.active,
+                "adapters": self.adapters.names}
+
+
+# %% ../../nbs/12_serve.ipynb #063ae787
+def open_adapters(artifacts: Sequence[str], cfg: Config, device: str | None = None) -> AdapterSet:
+    "The adapters named (`[NAME=]PATH`), else the newest verified artifact under `cfg`'s runs, else the base alone."
+    if artifacts:
+        return AdapterSet.open(artifacts, device=device)
+    if (found := newest_artifact(cfg)) is not None:
+        return AdapterSet.open([found], device=device)
+    return AdapterSet.from_config(cfg, device=device)
+
+def describe_training_event(event: dict) -> str:
+    "One line for a `FeedbackLoop.poll` event."
+    if event.get("adapter"):
+        return f"training succeeded: adapter {event['adapter']} verified and loaded ({event['artifact']})"
+    return f"training {event['state']}: {event.get('error')} (run folder {event['run_dir']})"
+
+def watch_training(loop: FeedbackLoop, every: float, on_event: Callable[[dict], None],
+                   on_error: Callable[[str], None] = print) -> threading.Thread:
+    "A daemon thread polling `loop` every `every` seconds and handing each event to `on_event`."
+    def watch():
+        while True:
+            time.sleep(every)
+            try:
+                event = loop.poll()
+            except Exception as e:  # a half-written status file or a vanished run folder must not end the watch
+                on_error(f"training watch: {type(e).__name__}: {e}")
+                continue
+            if event:
+                on_event(event)
+    thread = threading.Thread(target=watch, name="adapterlab-training-watch", daemon=True)
+    thread.start()
+    return thread
+
 
 # %% ../../nbs/12_serve.ipynb #cc3cba91
 VLLM_DEFAULT_MAX_LORA_RANK = 16   # vLLM's own default for --max-lora-rank
