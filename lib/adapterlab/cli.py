@@ -13,7 +13,8 @@ import sys
 
 COMMAND_MODULES = ("adapterlab.pipeline", "adapterlab.train", "adapterlab.artifact", "adapterlab.data",
                    "adapterlab.queue", "adapterlab.compat", "adapterlab.plan", "adapterlab.eval", "adapterlab.heads",
-                   "adapterlab.regressions", "adapterlab.preference", "adapterlab.serve", "adapterlab.docs")
+                   "adapterlab.regressions", "adapterlab.preference", "adapterlab.serve", "adapterlab.docs",
+                   "adapterlab.export")
 
 def build_parser() -> argparse.ArgumentParser:
     "The `adapterlab` argument parser with every module's subcommands."
