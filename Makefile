@@ -108,7 +108,8 @@ $(OLDEST_STAMP): pyproject.toml
 
 pipeline-oldest: $(OLDEST_STAMP)
 	rm -rf outputs/compat/oldest
-	$(OLDEST_VENV)/bin/adapterlab run --hw cpu -f ci --set output.root=outputs/compat/oldest
+	# its own model cache: the embedded GGUF is converted by the old transformers too, not reused from the newest one
+	ADAPTERLAB_CACHE=$(CURDIR)/$(OLDEST_VENV)/cache $(OLDEST_VENV)/bin/adapterlab run --hw cpu -f ci --set output.root=outputs/compat/oldest
 	$(OLDEST_VENV)/bin/python -c "$$RECORD_RUN_PY" oldest outputs/compat/oldest $(OLDEST_VENV) "$(OLDEST_PINS)"
 
 # The docs site (mkdocs) into _docs/: index.ipynb, every module's API, each stage with the newest finished run's
