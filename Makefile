@@ -30,7 +30,7 @@ install: $(STAMP)
 run: install
 	$(BIN)/adapterlab run --hw cpu
 
-test: install sync-check readme-check pytest nbtest pipeline-ci compat-newest pipeline-oldest docs
+test: install sync-check readme-check nbtest pytest pipeline-ci compat-newest pipeline-oldest docs
 
 # lib/ must be exactly what nbdev exports from nbs/, and notebooks must be clean (no outputs, no stray metadata).
 sync-check: install
@@ -49,9 +49,10 @@ readme-check: install
 pytest: install
 	$(BIN)/pytest -q -ra
 
-# Module notebooks (numbered) run as tests; stage notebooks run in the pipeline below.
+# Module notebooks (numbered) run as tests (before pytest, whose docs test builds the API pages from them), under nbdev-test's rules, and their outputs are kept in _proc/executed/ for
+# the API pages of the docs site (one execution, not two); stage notebooks run in the pipeline below.
 nbtest: install
-	$(BIN)/nbdev-test --skip-file-re "^[^0-9]" --n-workers 1 --timing
+	$(BIN)/adapterlab docs execute
 
 # The whole pipeline once on the `ci` experiment, and the DPO stage after it in the same run folder (its notebook
 # then has outputs on the docs site, like every stage).

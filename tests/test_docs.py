@@ -76,6 +76,11 @@ def test_build_has_a_page_per_module_and_stage(tmp_path):
         assert "Not executed" in (site / "stages" / "preference.html").read_text()
     assert 'show_doc</span><span class="p">(' not in (site / "api" / "docs.html").read_text()  # rendered, not its code
     assert "build_docs" in (site / "api" / "docs.html").read_text()
+    # API pages carry the outputs of their examples: the train page's quick real run ends in its verification table
+    assert "base weights unchanged by training" in (site / "api" / "train.html").read_text()
+    params = (site / "parameters.html").read_text()
+    assert "lora.r" in params and "LoRA rank" in params           # the schema as a table
+    assert (site / "records" / "0001-no-settings-ini.html").exists()
 
 
 def test_broken_notebook_fails_the_build(tmp_path):
@@ -94,3 +99,13 @@ def test_broken_link_fails_the_build(tmp_path):
     (tmp_path / "run" / "notebooks").mkdir(parents=True)
     with pytest.raises(DocsBuildError, match="mkdocs build --strict failed"):
         build_docs(run=tmp_path / "run", out=tmp_path / "site", nbs=nbs, work=tmp_path / "work")
+
+
+def test_example_without_output_fails_the_build(tmp_path):
+    nbs = tmp_path / "nbs"
+    _nb(nbs / "00_mute.ipynb", [("markdown", "# Mute"), ("code", "#| export\ndef f(): return None"), ("code", "f()"),
+                                ("code", "assert f() is None")])
+    (tmp_path / "run" / "notebooks").mkdir(parents=True)
+    with pytest.raises(DocsBuildError, match="00_mute.ipynb: cell 2: 'f\\(\\)' shows no output"):
+        build_docs(run=tmp_path / "run", out=tmp_path / "site", nbs=nbs, work=tmp_path / "work")
+    assert not list((REPO / "_proc" / "executed").glob("00_mute*"))   # another project's notebooks: not in ours

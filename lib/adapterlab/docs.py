@@ -11,6 +11,7 @@ import argparse
 import ast
 import hashlib
 import html
+import json
 import os
 import re
 import shutil
@@ -34,10 +35,11 @@ from .config import project_root
 # %% auto #0
 __all__ = ['DocsBuildError', 'page_name', 'module_notebooks', 'stage_notebooks', 'newest_finished_run', 'resolve_run',
            'run_stage_notebooks', 'cell_options', 'options_to_tags', 'keep_title', 'api_cell', 'exec_api_docs',
-           'DocsFilter', 'site_url', 'relink', 'pandoc_links', 'relink_nb', 'note_cell', 'process_notebook',
-           'process_cached', 'index_markdown', 'readme_text', 'check_readme', 'write_readme', 'run_images',
-           'coalesce_streams', 'stage_pages', 'module_pages', 'mkdocs_config', 'write_mkdocs_yml', 'page_refs',
-           'broken_links', 'mkdocs_build', 'build_docs', 'add_cli']
+           'DocsFilter', 'site_url', 'source_links', 'relink', 'pandoc_links', 'relink_nb', 'note_cell',
+           'process_notebook', 'process_cached', 'executed_dir', 'execute_notebook', 'missing_outputs', 'literate_gaps',
+           'executed_copy', 'execute_modules', 'index_markdown', 'readme_text', 'check_readme', 'write_readme',
+           'run_images', 'coalesce_streams', 'stage_pages', 'module_pages', 'parameters_markdown', 'record_pages',
+           'mkdocs_config', 'write_mkdocs_yml', 'page_refs', 'broken_links', 'mkdocs_build', 'build_docs', 'add_cli']
 
 # %% ../../nbs/15_docs.ipynb #cb04034d
 class DocsBuildError(AdapterlabError, RuntimeError):
@@ -147,10 +149,18 @@ def site_url() -> str:
     cfg = get_config()
     return f"{cfg.doc_host.rstrip('/')}/{cfg.doc_baseurl.strip('/')}/".replace("//", "/").replace(":/", "://")
 
+def source_links(text: str) -> str:
+    """Source links as nbdev writes them (`blob/BRANCH/adapterlab/x.py`, as if the package sat at the repository's top)
+    pointed at where the package is: `blob/BRANCH/lib/adapterlab/x.py`."""
+    cfg = get_config()
+    lib = cfg.lib_path.relative_to(cfg.config_path).as_posix()
+    return text.replace(f"{cfg.git_url}/blob/{cfg.branch}/{cfg.lib_name}/", f"{cfg.git_url}/blob/{cfg.branch}/{lib}/")
+
 def relink(text: str, depth: int, ext: str = ".html") -> str:
     "Links in markdown `text` made relative for a page `depth` folders deep: published API URLs and `*.ipynb` links."
     up = "../" * depth
     text = text.replace(site_url(), f"{up}api/")
+    text = source_links(text)
     def nb_target(m: re.Match) -> str:
         name = m.group(1)
         folder = "api" if _re_module.match(name) else ("" if name == "index" else "stages")
@@ -228,6 +238,114 @@ def process_cached(src: Path, dst: Path, cache: Path, depth: int = 1) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(hit, dst)
     return dst
+
+# %% ../../nbs/15_docs.ipynb #f7e56852
+def executed_dir(root: Path | None = None) -> Path:
+    "Where `adapterlab docs execute` keeps executed module notebooks: `_proc/executed/` (git-ignored)."
+    return Path(root or project_root()) / "_proc" / "executed"
+
+def _source_hash(src: Path) -> str:
+    return hashlib.sha256(Path(src).read_bytes()).hexdigest()
+
+def _skip_flags() -> list[str]:
+    with _in_project(project_root()): flags = get_config().tst_flags
+    return flags.split() if isinstance(flags, str) else list(flags or [])
+
+def execute_notebook(src: Path, dst: Path, skip_flags: list[str] | None = None) -> tuple[bool, float, str]:
+    """Execute notebook `src` as `nbdev-test` does and write it, outputs kept, to `dst`.
+    Returns `(passed, seconds, error)`; a failing notebook is written too, with its outputs up to the failure."""
+    from execnb.shell import CaptureShell
+    from fastcore.xtras import working_directory
+    from nbdev.process import NBProcessor
+    from nbdev.test import _skip_cell
+    src, dst = Path(src).absolute(), Path(dst)
+    skip = _skip_cell(nb := NBProcessor(src, rm_directives=False, process=True).nb,
+                      _skip_flags() if skip_flags is None else skip_flags, None)
+    shell, start, error = CaptureShell(src), time.time(), ""
+    old = os.environ.get("IN_TEST"); os.environ["IN_TEST"] = "1"
+    try:
+        with working_directory(src.parent): shell.run_all(nb, exc_stop=True, preproc=skip)
+    except Exception:
+        error = shell.prettytb(fname=src) or f"{src.name}: failed"
+    finally:
+        if old is None: os.environ.pop("IN_TEST", None)
+        else: os.environ["IN_TEST"] = old
+    skipped = [cell.cell_type == "code" and bool(skip(cell)) for cell in nb.cells]
+    for cell, was_skipped in zip(nb.cells, skipped):  # nbdev/execnb bookkeeping (`directives_`, timings) is not nbformat
+        for k in [k for k in cell if k not in _CELL_KEYS]: del cell[k]
+        cell.get("metadata", {}).pop("execution", None)
+        if was_skipped: cell.setdefault("metadata", {})["skipped"] = True
+    nb.metadata["adapterlab"] = {"source_sha256": _source_hash(src), "passed": not error}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    write_nb(nb, dst)
+    return not error, time.time() - start, error
+
+
+# %% ../../nbs/15_docs.ipynb #c8daaed9
+_CHECKS = re.compile(r"^(test_\w*|assert\w*|_?check\w*)$")
+
+def _is_example(cell) -> bool:
+    "A code cell that ran, exports nothing and ends in an expression that is not a check call (nor ends with `;`)."
+    if cell.cell_type != "code" or cell.get("metadata", {}).get("skipped"): return False
+    src = cell.source if isinstance(cell.source, str) else "".join(cell.source)
+    body = [l for l in src.splitlines() if not l.lstrip().startswith("#|")]
+    if any(re.match(r"^\s*#\|\s*(export|exporti|exports|hide)\b", l) for l in src.splitlines()): return False
+    try: tree = ast.parse("\n".join(body))
+    except SyntaxError: return False
+    if not tree.body or not isinstance(last := tree.body[-1], ast.Expr) or "\n".join(body).rstrip().endswith(";"):
+        return False
+    fn = last.value.func if isinstance(last.value, ast.Call) else None
+    name = fn.id if isinstance(fn, ast.Name) else fn.attr if isinstance(fn, ast.Attribute) else ""
+    return not _CHECKS.match(name or "")
+
+def missing_outputs(nb_path: Path) -> list[str]:
+    "`NOTEBOOK: cell N: first line` for every example cell of the executed notebook that has no output."
+    nb = read_nb(nb_path)
+    return [f"{Path(nb_path).name}: cell {i}: {(c.source.splitlines() or [''])[-1][:60]!r} shows no output"
+            for i, c in enumerate(nb.cells) if _is_example(c) and not c.get("outputs")]
+
+
+# %% ../../nbs/15_docs.ipynb #83015c3c
+def _is_check(cell) -> bool:
+    src = cell.source if isinstance(cell.source, str) else "".join(cell.source)
+    return cell.cell_type == "code" and bool(re.search(r"^\s*(assert\b|test_\w+\(|test_fail\()", src, re.M))
+
+def literate_gaps(nb_path: Path) -> list[str]:
+    """`NOTEBOOK: cell N: def …` for every export cell with no example (a code cell that shows something) and no check
+    (`assert`/`test_*`) between it and the next export cell: the fastcore style is definition, example, check."""
+    nb, gaps = read_nb(nb_path), []
+    cells = nb.cells
+    exports = [i for i, c in enumerate(cells) if c.cell_type == "code" and re.match(r"^\s*#\|\s*export\b", c.source or "")]
+    for k, i in enumerate(exports):
+        following = cells[i + 1:exports[k + 1] if k + 1 < len(exports) else len(cells)]
+        code = [c for c in following if c.cell_type == "code" and c.source.strip()]
+        if not any(_is_check(c) for c in code) or not any(not _is_check(c) or "print(" in c.source for c in code):
+            defs = re.findall(r"^(?:def|class) (\w+)", cells[i].source, re.M)
+            if defs: gaps.append(f"{Path(nb_path).name}: cell {i}: {', '.join(defs)}")
+    return gaps
+
+
+# %% ../../nbs/15_docs.ipynb #20efc1a8
+def executed_copy(src: Path, out: Path | None = None, execute: bool = True) -> Path | None:
+    "The executed copy of module notebook `src` made from its current source; executed now if there is none and `execute`."
+    dst = Path(out or executed_dir()) / Path(src).name
+    if dst.exists() and read_nb(dst).metadata.get("adapterlab", {}).get("source_sha256") == _source_hash(src):
+        return dst
+    if not execute: return None
+    execute_notebook(src, dst)
+    return dst
+
+def execute_modules(nbs: Path | None = None, out: Path | None = None, names: list[str] | None = None) -> list[str]:
+    "Execute the module notebooks of `nbs` (or those named) into `out`, one after the other; prints timings, returns the failures."
+    with _in_project(project_root()): nbs = Path(nbs or get_config().nbs_path)
+    failures = []
+    for src in module_notebooks(nbs):
+        if names and src.stem not in names and page_name(src) not in names: continue
+        ok, secs, err = execute_notebook(src, Path(out or executed_dir()) / src.name)
+        print(f"{src.name}: {'ok' if ok else 'FAILED'} ({secs:.0f}s)", flush=True)
+        if not ok: failures.append(err)
+    return failures
+
 
 # %% ../../nbs/15_docs.ipynb #7775e92b
 def index_markdown(index_nb: Path, link_prefix: str = "nbs/", ext: str | None = None) -> str:
@@ -318,13 +436,100 @@ def stage_pages(nbs: Path, pages: Path, run_dir: Path | None) -> list[dict]:
         nav.append({_title(src): f"stages/{name}.ipynb"})
     return nav
 
-def module_pages(nbs: Path, pages: Path, cache: Path) -> list[dict]:
-    "Write one API page per module notebook into `pages/api` (cached)."
-    nav = []
+def module_pages(nbs: Path, pages: Path, cache: Path, executed: Path | None = None) -> list[dict]:
+    """Write one API page per module notebook into `pages/api` from its executed copy (executed now when stale). Fails
+    when a notebook fails or an example shows no output: a page must show what its examples display."""
+    nav, problems = [], []
     for src in module_notebooks(nbs):
-        process_cached(src, pages / "api" / f"{page_name(src)}.ipynb", cache)
+        exe = executed_copy(src, executed)
+        if not read_nb(exe).metadata.get("adapterlab", {}).get("passed"):
+            problems.append(f"{src.name}: fails when executed (run `adapterlab docs execute {page_name(src)}` to see why)")
+        problems += missing_outputs(exe)
+        page = process_cached(exe, pages / "api" / f"{page_name(src)}.ipynb", cache)
+        nb = read_nb(page); coalesce_streams(nb); write_nb(nb, page)   # progress bars: their last state only
         nav.append({_title(src): f"api/{page_name(src)}.ipynb"})
+    if problems:
+        raise DocsBuildError("module pages without the outputs of their examples:\n  " + "\n  ".join(problems))
     return nav
+
+
+# %% ../../nbs/15_docs.ipynb #48e1f8f4
+def _set_by(dotted: str, layers: dict[str, dict]) -> list[str]:
+    "The shipped parameter files (`name: values`) that set `dotted`."
+    def has(d, keys):
+        for k in keys:
+            if not isinstance(d, dict) or k not in d: return False
+            d = d[k]
+        return True
+    return [name for name, values in layers.items() if has(values, dotted.split("."))]
+
+def parameters_markdown() -> str:
+    "Every parameter of the schema as a table per section: name, type, default, range, meaning, and which shipped files set it."
+    import dataclasses, typing
+    from adapterlab.config import Config, _type_name, params_dir
+    pdir = params_dir()
+    layers = {f"{p.parent.name}/{p.stem}": yaml.safe_load(p.read_text()) or {}
+              for sub in ("experiments", "hw") for p in sorted((pdir / sub).glob("*.yaml"))}
+    defaults = yaml.safe_load((pdir / "defaults.yaml").read_text())
+    def default(dotted):
+        d = defaults
+        for k in dotted.split("."): d = d[k]
+        return d
+    def rng(meta):
+        if meta.get("choices"): return " / ".join(f"`{c}`" for c in meta["choices"])
+        parts = [f"{op} {meta[k]}" for k, op in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<")) if meta.get(k) is not None]
+        return ", ".join(parts)
+    cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")
+    out = ["# Parameters", "",
+           "Every key of the schema (`nbs/00_config.ipynb`), with its default from `params/defaults.yaml`. Any layer may set any "
+           "key: defaults ← experiment (`params/experiments/`) ← hardware profile (`params/hw/`) ← `--set`; the last column names "
+           "the shipped files that do. Generated from the schema by `adapterlab docs build`.", ""]
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        tp = hints[f.name]
+        if not dataclasses.is_dataclass(tp):
+            rows = [(f.name, tp, f.metadata)]
+            out += [f"## `{f.name}`", ""]
+        else:
+            sub = typing.get_type_hints(tp)
+            rows = [(f"{f.name}.{g.name}", sub[g.name], g.metadata) for g in dataclasses.fields(tp)]
+            out += [f"## `{f.name}`: {f.metadata.get('doc', '')}", ""]
+        out += ["| key | type | default | range | meaning | set by |", "|---|---|---|---|---|---|"]
+        for dotted, t, meta in rows:
+            out.append(f"| `{dotted}` | {cell(_type_name(t))} | `{cell(json.dumps(default(dotted)))}` | {cell(rng(meta))} | "
+                       f"{cell(meta.get('doc', ''))} | {cell(', '.join(_set_by(dotted, layers)) or 'defaults only')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+# %% ../../nbs/15_docs.ipynb #105b677c
+_re_rel_link = re.compile(r"(?<!!)\[([^\]]+)\]\((?![a-z][\w+.-]*:|#|/)([^)\s]+)\)")
+
+def _unlink_relative(md: str) -> str:
+    "Markdown `md` with relative links (into a run folder, not the site) turned into their text."
+    return _re_rel_link.sub(lambda m: m.group(1), md)
+
+def record_pages(pages: Path, run_dir: Path | None, root: Path | None = None) -> list[dict]:
+    "Write the record pages into `pages/records`: project decision records, the run's compat ADR, matrix and regression table."
+    root = Path(root or project_root())
+    found = [(f"Decision: {_md_title(p)}", p) for p in sorted((root / "docs" / "decisions").glob("*.md"))]
+    if run_dir is not None:
+        found += [(t, Path(run_dir) / rel) for t, rel in (("Compat decision record (run)", "compat/ADR.md"),
+                                                          ("Regression checks (run)", "regressions/table.md"))]
+    found += [("TRL release matrix", p) for p in sorted((root / "outputs" / "compat").glob("matrix.md"))[:1]]
+    nav = []
+    for title, path in found:
+        if not path.is_file(): continue
+        name = f"records/{path.parent.name}-{path.stem}.md".lower() if run_dir and Path(run_dir) in path.parents else f"records/{path.stem}.md".lower()
+        (pages / name).parent.mkdir(parents=True, exist_ok=True)
+        (pages / name).write_text(_unlink_relative(path.read_text(encoding="utf-8")))
+        nav.append({title: name})
+    return nav
+
+def _md_title(path: Path) -> str:
+    "The first `# ` heading of markdown file `path`, else its name."
+    return next((l[2:].strip() for l in path.read_text(encoding="utf-8").splitlines() if l.startswith("# ")), path.stem)
+
 
 # %% ../../nbs/15_docs.ipynb #ff4ec9a2
 def mkdocs_config(site_name: str, nav: list, site_dir: Path, pages: str = "pages", description: str = "") -> dict:
@@ -384,12 +589,14 @@ def mkdocs_build(yml: Path) -> str:
 
 # %% ../../nbs/15_docs.ipynb #417e086d
 def build_docs(run: str | Path | None = None, out: str | Path = "_docs", nbs: Path | None = None,
-               work: Path | None = None) -> Path:
-    "Build the docs site from `nbs` (default: the project's) and the stage outputs of `run` into `out`."
+               work: Path | None = None, executed: Path | None = None) -> Path:
+    """Build the docs site from `nbs` (default: the project's) and the stage outputs of `run` into `out`. Module pages
+    come from the executed copies in `executed` (default: `_proc/executed/` for the project's notebooks, else `work/executed`)."""
     root = project_root()
     with _in_project(root): cfg = get_config()
     nbs = Path(nbs or cfg.nbs_path)
     work = Path(work or root / "_proc" / "docs")
+    executed = Path(executed or (executed_dir(root) if nbs == cfg.nbs_path else work / "executed"))  # not the project's copies
     out = Path(out) if Path(out).is_absolute() else root / out
     pages = work / "pages"
     shutil.rmtree(pages, ignore_errors=True)
@@ -401,7 +608,10 @@ def build_docs(run: str | Path | None = None, out: str | Path = "_docs", nbs: Pa
     if index.exists():
         (pages / "index.md").write_text(index_markdown(index, ext=".ipynb"))
         nav.append({"Home": "index.md"})
-    nav += [{"Stages": stage_pages(nbs, pages, run_dir)}, {"API": module_pages(nbs, pages, work / "cache")}]
+    (pages / "parameters.md").write_text(parameters_markdown())
+    nav.append({"Parameters": "parameters.md"})
+    nav += [{"Stages": stage_pages(nbs, pages, run_dir)}, {"API": module_pages(nbs, pages, work / "cache", executed)},
+            {"Records": record_pages(pages, run_dir, root)}]
     nav = [n for n in nav if list(n.values())[0]]
     yml = write_mkdocs_yml(work, mkdocs_config(cfg.lib_name, nav, out, description=cfg.get("description", "")))
     mkdocs_build(yml)
@@ -417,7 +627,17 @@ def _cmd_build(args) -> int:
         print(f"adapterlab docs build: {e}", file=sys.stderr)
         return 1
     print(f"docs: {sum(1 for _ in out.rglob('*.html'))} HTML files in {out} ({time.time() - start:.0f}s); open {out / 'index.html'}")
+    with _in_project(project_root()): nbs = get_config().nbs_path
+    gaps = {p.name: len(literate_gaps(p)) for p in module_notebooks(nbs)}
+    print(f"literate style: {sum(gaps.values())} export cell(s) without an example and a check after them "
+          f"({', '.join(f'{k} {v}' for k, v in gaps.items() if v) or 'none'}); `literate_gaps` lists them")
     return 0
+
+def _cmd_execute(args) -> int:
+    failures = execute_modules(names=args.notebooks or None)
+    for err in failures: print(err, file=sys.stderr)
+    print(f"{len(failures)} notebook(s) failed" if failures else f"executed into {executed_dir()}")
+    return 1 if failures else 0
 
 def _cmd_readme(args) -> int:
     if args.check:
@@ -435,6 +655,11 @@ def add_cli(subparsers) -> None:
     b.add_argument("--run", help="run id or folder whose executed stage notebooks become the stage pages (default: newest finished)")
     b.add_argument("--out", default="_docs", help="output folder (default: _docs)")
     b.set_defaults(func=_cmd_build)
+    e = sub.add_parser("execute", help="run the module notebooks as nbdev-test does, keeping their outputs for the API pages",
+                       description="Execute the module notebooks (cells flagged notest/slow skipped, as nbdev-test) into "
+                                   "_proc/executed/; exit 1 if any fails. Example: adapterlab docs execute config train")
+    e.add_argument("notebooks", nargs="*", help="only these (page names such as `config`, or notebook stems)")
+    e.set_defaults(func=_cmd_execute)
     r = sub.add_parser("readme", help="write README.md from nbs/index.ipynb")
     r.add_argument("--check", action="store_true", help="exit 1 if README.md differs from what index.ipynb generates")
     r.set_defaults(func=_cmd_readme)
