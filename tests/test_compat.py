@@ -20,11 +20,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 from packaging.version import Version
 
-from adapterlab.compat import (SFT_SETTINGS, TRAINERS, CompatError, RegistryError, SourceTree, add_cli,
-                               build_dpo_trainer, build_sft_trainer, check_lora_settings, compat_stage,
-                               fetch_release, load_matrix, locate, place_settings, place_sft_settings, probe_surface,
-                               read_surface, render_adr, setting_history, snapshot_surface, translation_table,
-                               trl_releases)
+from adapterlab.compat import (SFT_SETTINGS, TRAINERS, CompatError, build_dpo_trainer, build_sft_trainer,
+                               check_lora_settings, load_matrix, locate, place_settings, place_sft_settings,
+                               probe_surface, setting_history, snapshot_surface)
+from adapterlab.compat_adr import add_cli, compat_stage, render_adr, translation_table
+from adapterlab.compat_matrix import RegistryError, fetch_release, trl_releases
+from adapterlab.compat_surface import SourceTree, read_surface
 
 REQUIRED = ["max_length", "tokenizer", "text_field", "packing", "dataset_kwargs", "formatting_func",
             "completion_only_loss", "assistant_only_loss", "padding_free"]
@@ -99,7 +100,7 @@ def test_seed_spellings_that_raised_typeerror_are_placed_on_the_installed_releas
 def test_every_train_stage_setting_lands_on_the_installed_config(tmp_path):
     from trl import SFTConfig
     from adapterlab.config import resolve_config
-    from adapterlab.train import sft_settings
+    from adapterlab.compat import sft_settings
     cfg_ci, _ = resolve_config("ci", "cpu")
     for settings in ({**TRAIN_STAGE_SETTINGS, "output_dir": str(tmp_path / "a")}, sft_settings(cfg_ci, tmp_path)):
         p = place_settings(settings, "sft")
@@ -316,7 +317,7 @@ def test_build_dpo_trainer_through_the_same_layer(tmp_path, tiny_lm):
 
 def test_compat_stage_writes_the_adr_and_json(tmp_path):
     from adapterlab.config import resolve_config
-    from adapterlab.train import sft_settings
+    from adapterlab.compat import sft_settings
     cfg, _ = resolve_config("ci", "cpu", [f"output.root={tmp_path}"])
     report = compat_stage(cfg, tmp_path / "run")
     adr = (tmp_path / "run" / "compat" / "ADR.md").read_text()

@@ -65,13 +65,10 @@ def _line_of(path: Path, key: str) -> int:
 def test_two_process_cpu_training_writes_one_verified_artifact(tmp_path):
     """`accelerate launch` with the cpu profile's config, 2 processes, gloo: the unchanged `adapterlab train`.
 
-    The run folder (config snapshot and prepared data) is made before launching, so both processes read it instead of
-    writing it at the same time: see the report's proposed rank-0-first change to train's data preparation."""
+    Only the config snapshot is made before launching: the main process prepares the data while the other waits, and
+    the training skeleton lets only the main process write; the other rank waits at a barrier, then verifies."""
     cfg, run_dir = open_run("ci", "cpu", [f"output.root={tmp_path}", "train.max_steps=2", "hw.batch_size=2",
                                           "data.val_fraction=0"], tmp_path / "run")
-    from adapterlab.data import prepare_data
-    prepare_data(cfg, run_dir)
-    n_train = sum(1 for line in (run_dir / "data" / "train.jsonl").read_text().splitlines() if line.strip())
     assert cfg.hw.distributed == "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config(cfg.hw.distributed)),
            "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "adapterlab.cli", "train",
@@ -80,6 +77,13 @@ def test_two_process_cpu_training_writes_one_verified_artifact(tmp_path):
            "ADAPTERLAB_HOME": str(project_root())}
     proc = subprocess.run(cmd, cwd=project_root(), env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    n_train = sum(1 for line in (run_dir / "data" / "train.jsonl").read_text().splitlines() if line.strip())
+
+    # the rank log: rank 0 alone wrote the artifact and the summary; rank 1 waited for it and verified it
+    log = [line for line in proc.stdout.splitlines() if line.startswith("rank ")]
+    assert [l.split(":")[0] for l in log if ": wrote " in l] == ["rank 0/2"], log
+    verified = [l for l in log if ": verified " in l]
+    assert [l.split(":")[0] for l in verified] == ["rank 1/2"] and verified[0].endswith("no problems"), log
 
     # two processes really trained: each step consumed 2 (processes) x 2 (per-device batch) examples
     state = json.loads((run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from adapterlab import heads as H
+from adapterlab import heads_train as HT
 from adapterlab.config import ConfigError
 
 SAMPLE = Path(H.__file__).parent / "sample_data" / "heads"
@@ -230,14 +231,14 @@ def heads_run(tmp_path_factory):
     from adapterlab.train import read_metrics
     root = tmp_path_factory.mktemp("heads-run")
     cfg, heads, run_dir = H.open_heads_run("minilm_heads", "cpu", [f"output.root={root}", "train.max_steps=12"])
-    result = H.train_heads(cfg, heads, run_dir)
+    result = HT.train_heads(cfg, heads, run_dir)
     return cfg, heads, run_dir, result, read_metrics(run_dir)
 
 
 @pytest.mark.slow
 def test_training_loss_falls(heads_run):
     *_, history = heads_run
-    fell, first, last = H.loss_fell(history, 3)
+    fell, first, last = HT.loss_fell(history, 3)
     assert len([r for r in history if "loss" in r]) == 12
     assert fell, f"mean loss of the first 3 steps {first:.3f}, of the last 3 {last:.3f}"
 
@@ -263,7 +264,7 @@ def test_training_only_touches_lora_and_heads_and_leaves_a_verified_artifact(hea
 @pytest.mark.slow
 def test_saved_adapter_reloads_with_identical_outputs(heads_run):
     cfg, heads, _, result, _ = heads_run
-    assert H.reload_outputs_gap(result) < 1e-5
+    assert HT.reload_outputs_gap(result) < 1e-5
 
 
 @pytest.mark.slow
@@ -277,11 +278,11 @@ def test_tampered_heads_artifact_is_refused(heads_run, tmp_path):
     data[-1] ^= 1
     (copy_dir / "adapter_model.safetensors").write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="adapter_model.safetensors: sha256 mismatch"):
-        H.load_heads_artifact(copy_dir)
+        HT.load_heads_artifact(copy_dir)
 
 
 def test_cli_registers_heads_train():
     parser = argparse.ArgumentParser()
-    H.add_cli(parser.add_subparsers())
+    HT.add_cli(parser.add_subparsers())
     args = parser.parse_args(["heads-train", "--override", "train.max_steps=2", "--hw", "cpu"])
-    assert args.func is H._cmd_heads_train and args.experiment == "minilm_heads" and args.override == ["train.max_steps=2"]
+    assert args.func is HT._cmd_heads_train and args.experiment == "minilm_heads" and args.set == ["train.max_steps=2"]

@@ -103,3 +103,19 @@ def test_cli_registers_regressions():
     R.add_cli(parser.add_subparsers())
     args = parser.parse_args(["regressions", "--check", "target-alignment", "--no-guard-proof"])
     assert args.func is R._cmd_regressions and args.check == ["target-alignment"] and args.no_guard_proof
+    assert parser.parse_args(["regressions", "-f", "ci"]).experiment == "ci"
+
+
+def test_stage_runs_on_the_runs_own_model(tmp_path):
+    """In a causal-LM run's folder the stage reads the run's own snapshots: the TRL check on that run's model, the
+    heads checks named as not run (the run has no encoder), and the table says which model was used."""
+    from adapterlab.config import open_run
+    cfg, run_dir = open_run("ci", "cpu", [f"output.root={tmp_path}"], tmp_path / "run")
+    inputs, out = R.open_regressions_run("minilm_heads", "cpu", run_dir=run_dir, lm_experiment="ci")
+    assert out == run_dir and inputs.kinds == {"causal_lm"} and inputs.heads is None
+    assert inputs.lm_cfg.model.base_model == cfg.model.base_model and inputs.cfg.experiment == "ci"
+    results = R.regression_stage(run_dir, inputs, prove_guards=False)
+    assert [r.id for r in results] == ["sft-kwargs"] and results[0].ok
+    table = (run_dir / "regressions" / "table.md").read_text()
+    assert f"Checks run on causal LM: `{cfg.model.base_model}` (experiment `ci`)" in table
+    assert "Not run here (this experiment has no encoder model): lora-task-type" in table

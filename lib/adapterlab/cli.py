@@ -11,31 +11,100 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("adapterlab.pipeline", "adapterlab.train", "adapterlab.artifact", "adapterlab.data",
-                   "adapterlab.queue", "adapterlab.compat", "adapterlab.plan", "adapterlab.eval", "adapterlab.heads",
-                   "adapterlab.regressions", "adapterlab.preference", "adapterlab.serve", "adapterlab.docs",
-                   "adapterlab.export")
+# command: (module that registers it with `add_cli`, one-line help, examples). `adapterlab --help` reads only this
+# table; a command's module (and with it torch, transformers, ...) is imported only when that command runs. A module
+# with an `add_cli` adds its rows here; `tests/test_cli.py` checks the table against what the modules register.
+COMMANDS = {
+    "run": ("adapterlab.pipeline", "run the pipeline (data, compat, train, regressions, eval) into one run folder",
+            ["adapterlab run", "adapterlab run -f ci --set train.max_steps=20", "adapterlab run --resume RUN_ID",
+             "adapterlab run --hw 24gb --until train"]),
+    "runs": ("adapterlab.pipeline", "list runs with their status and key metrics", ["adapterlab runs"]),
+    "train": ("adapterlab.train", "train a LoRA adapter (the train stage alone)",
+              ["adapterlab train -f ci", "adapterlab train --run-dir outputs/runs/RUN_ID --resume"]),
+    "verify": ("adapterlab.artifact", "check an adapter artifact: files, checksums, tensors, base model",
+               ["adapterlab verify outputs/runs/RUN_ID/artifact",
+                "adapterlab verify outputs/runs/RUN_ID/artifact --base embedded:smollm2-135m-instruct"]),
+    "data": ("adapterlab.data", "validate and convert training data",
+             ["adapterlab data check sample:json_contacts/train.jsonl", "adapterlab data export chroma:PATH?collection=NAME out.jsonl"]),
+    "queue": ("adapterlab.queue", "weighted feedback queue and background training",
+              ["adapterlab queue add --critical --query Q --response R", "adapterlab queue status",
+               "adapterlab queue train --wait"]),
+    "compat": ("adapterlab.compat_adr", "where each trainer setting goes on the installed TRL; the TRL matrix",
+               ["adapterlab compat probe", "adapterlab compat adr -f ci"]),
+    "plan": ("adapterlab.plan", "estimate peak GPU memory of a training step before loading anything",
+             ["adapterlab plan --hw 8gb", "adapterlab plan --hw 24gb --arch llama-3.1-8b --fit"]),
+    "eval": ("adapterlab.eval", "compare base model and adapter of a trained run on its eval set",
+             ["adapterlab eval outputs/runs/RUN_ID", "adapterlab eval outputs/runs/RUN_ID --set eval.max_examples=8"]),
+    "heads-train": ("adapterlab.heads_train", "train LoRA + custom heads on an encoder (e.g. MiniLM)",
+                    ["adapterlab heads-train", "adapterlab heads-train --set train.max_steps=4"]),
+    "regressions": ("adapterlab.regressions", "reproduce every historical pipeline bug and show it is guarded",
+                    ["adapterlab regressions", "adapterlab regressions --check CHECK_ID --no-guard-proof"]),
+    "preference": ("adapterlab.preference", "DPO: train an adapter on preference pairs (the preference stage alone)",
+                   ["adapterlab preference -f dpo_ci --compare", "adapterlab preference --run-dir outputs/runs/RUN_ID"]),
+    "preference-pairs": ("adapterlab.preference", "write the preference pairs a DPO run would use, without training",
+                         ["adapterlab preference-pairs -f dpo_ci --out pairs.jsonl"]),
+    "merge": ("adapterlab.serve", "merge an adapter into a full-precision copy of its base and save it",
+              ["adapterlab merge outputs/runs/RUN_ID/artifact --check"]),
+    "generate": ("adapterlab.serve", "load base + verified adapter(s) and answer a prompt",
+                 ['adapterlab generate outputs/runs/RUN_ID/artifact --prompt "Extract the contact: ..."']),
+    "docs": ("adapterlab.docs", "build the docs site; README.md from nbs/index.ipynb",
+             ["adapterlab docs build", "adapterlab docs readme --check"]),
+    "export": ("adapterlab.export", "export an artifact for other runtimes (gguf: llama.cpp, Ollama, LM Studio)",
+               ["adapterlab export gguf outputs/runs/RUN_ID/artifact", "adapterlab export gguf ARTIFACT --adapter-only --check 16"]),
+}
 
-def build_parser() -> argparse.ArgumentParser:
-    "The `adapterlab` argument parser with every module's subcommands."
+def _module_exists(name: str) -> bool:
+    "Is `name` in this checkout? (found without importing it)"
+    import importlib.util
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+def _describe(parser: argparse.ArgumentParser, help: str, examples: list[str]) -> None:
+    "Give a command's parser a description (its help, when it has none) and its examples after the options."
+    parser.description = parser.description or help[:1].upper() + help[1:] + "."
+    lines = ["examples:"] + [f"  {e}" for e in examples]
+    parser.epilog = (parser.epilog + "\n\n" if parser.epilog else "") + "\n".join(lines)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `adapterlab` parser. Every command is listed from `COMMANDS`; only `command`'s module is imported and
+    registers its real subcommand: none for `""` (`adapterlab --help`), all for None or a command not in the table."""
     import adapterlab
-    parser = argparse.ArgumentParser(prog="adapterlab", description="LoRA/QLoRA adapters you can verify.")
+    parser = argparse.ArgumentParser(
+        prog="adapterlab", description="LoRA/QLoRA adapters you can verify.",
+        epilog="examples:\n  adapterlab run                 the whole pipeline on the default experiment\n"
+               "  adapterlab runs                what ran, and how it ended\n"
+               "  adapterlab COMMAND --help      a command's options and examples",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"adapterlab {adapterlab.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name: raise
-            continue  # a module this checkout doesn't have yet
-        if hasattr(module, "add_cli"):
-            module.add_cli(sub)
+    if command is None or (command and command not in COMMANDS):
+        wanted = {m for m, _, _ in COMMANDS.values()}
+    else:
+        wanted = {COMMANDS[command][0]} if command else set()
+    for name, (module, help, examples) in COMMANDS.items():
+        if name in sub.choices or not _module_exists(module):
+            continue
+        if module in wanted:
+            importlib.import_module(module).add_cli(sub)
+        if name not in sub.choices:   # not loaded: a stand-in that lists the command; running it loads the real one
+            sub.add_parser(name, help=help, add_help=False)
+    for name, (module, help, examples) in COMMANDS.items():
+        if name in sub.choices and module in wanted:
+            _describe(sub.choices[name], help, examples)
     return parser
+
+def _command(argv: list[str]) -> str | None:
+    "The command word of `argv` (the first argument that is not an option), if any."
+    return next((a for a in argv if not a.startswith("-")), None)
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `adapterlab` console script: every `AdapterlabError` becomes one line and exit 2."
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command(argv) or "").parse_args(argv)
     from adapterlab.config import AdapterlabError
-    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except AdapterlabError as e:
@@ -45,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
 
+
 # %% auto #0
-__all__ = ['COMMAND_MODULES', 'build_parser', 'main']
+__all__ = ['COMMANDS', 'build_parser', 'main']
 
 # %% ../../nbs/14_cli.ipynb #c0caf9e2
 # `python -m adapterlab.cli`; skipped by nbdev-test, whose kernel also runs as "__main__"

@@ -22,11 +22,11 @@ import yaml
 
 # %% auto #0
 __all__ = ['SECTIONS', 'project_root', 'params_dir', 'spec', 'ModelConfig', 'LoraConfig', 'DataConfig', 'TrainConfig', 'HwConfig',
-           'EvalConfig', 'QueueConfig', 'PreferenceConfig', 'OutputConfig', 'Config', 'AdapterlabError', 'ConfigError',
-           'Layer', 'load_layer', 'overrides_layer', 'merge_layers', 'build_dataclass', 'find_params_file',
-           'resolve_config', 'HardwareError', 'check_hardware', 'config_to_dict', 'config_from_dict', 'runs_root',
-           'new_run_id', 'make_run_dir', 'save_config', 'load_run_config', 'quiet_stage_output', 'injected_sections',
-           'open_run']
+           'EvalConfig', 'QueueConfig', 'PreferenceConfig', 'TrackingConfig', 'OutputConfig', 'Config',
+           'AdapterlabError', 'ConfigError', 'Layer', 'load_layer', 'overrides_layer', 'merge_layers',
+           'build_dataclass', 'find_params_file', 'resolve_config', 'HardwareError', 'check_hardware', 'config_to_dict',
+           'config_from_dict', 'runs_root', 'new_run_id', 'make_run_dir', 'save_config', 'load_run_config',
+           'quiet_stage_output', 'injected_sections', 'open_run']
 
 # %% ../../nbs/00_config.ipynb #a79fcff1
 def project_root() -> Path:
@@ -147,6 +147,18 @@ class PreferenceConfig:
     batch_size: Optional[int] = spec("pairs per micro-batch; null = half of hw.batch_size (a pair is two sequences)", ge=1)
 
 @dataclass
+class TrackingConfig:
+    tensorboard: bool = spec("write TensorBoard event files into the run folder (transformers' `report_to`)")
+    mlflow: bool = spec("log params, per-step metrics, eval metrics and the artifact to one MLflow run per adapterlab "
+                        "run: `$MLFLOW_TRACKING_URI` if set, else a local store under output.root")
+    mlflow_experiment: str = spec("MLflow experiment the runs go to")
+    wandb: bool = spec("also report to Weights & Biases, offline (`WANDB_MODE=offline` unless you set it)")
+    heartbeat_s: float = spec("seconds between a running pipeline's heartbeats in status.json", gt=0)
+    stale_heartbeats: int = spec("heartbeats missed before a `running` run whose pid cannot be checked counts as "
+                                 "interrupted", ge=1)
+    progress_lines: int = spec("when stdout is not a terminal: progress lines per training or eval phase", ge=1)
+
+@dataclass
 class OutputConfig:
     root: str = spec("where run folders go, relative to the project")
     overwrite: bool = spec("replace an existing artifact of the same name")
@@ -163,6 +175,7 @@ class Config:
     eval: EvalConfig = spec("evaluation")
     queue: QueueConfig = spec("feedback queue")
     preference: PreferenceConfig = spec("preference tuning (DPO)")
+    tracking: TrackingConfig = spec("live progress, run status, TensorBoard / MLflow / W&B")
     output: OutputConfig = spec("outputs")
 
 # %% ../../nbs/00_config.ipynb #53cfc6c3

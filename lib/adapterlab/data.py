@@ -786,7 +786,7 @@ def add_cli(subparsers) -> None:
     c = sub.add_parser("check", help="one FILE:LINE: field: problem line per bad record; exit 1 if any")
     c.add_argument("files", nargs="+", metavar="FILE", help="JSONL files, sample:NAME/file.jsonl or chroma:PATH?collection=NAME")
     c.add_argument("--format", choices=("auto", *FORMATS), default=None, help="record format (default: data.format)")
-    c.add_argument("--experiment", default="ci", help="experiment whose model and limits to check against")
+    c.add_argument("-f", "--experiment", default="json_contacts", help="experiment whose model and limits to check against")
     c.add_argument("--hw", default="cpu", help="hardware profile (sets hw.max_seq_length)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="parameter override")
     c.add_argument("--no-length", action="store_true", help="skip the token-length check (no tokenizer needed)")

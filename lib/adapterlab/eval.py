@@ -742,16 +742,18 @@ def evaluate_run(run_dir: str | Path, eval_spec: str | None = None, overrides: l
 
 # %% ../../nbs/09_eval.ipynb #a59cdfb0
 def _cmd_eval(args) -> int:
-    report = evaluate_run(args.run_dir, args.eval_set, args.override)
+    report = evaluate_run(args.run_dir, args.eval_set, args.set)
     table = report_markdown(report).split("\n## Examples")[0]
     print(table)
     print(f"\nwritten: {Path(args.run_dir) / 'eval'}")
     return 0
 
 def add_cli(subparsers) -> None:
+    import argparse
     p = subparsers.add_parser("eval", help="compare base model and adapter of a trained run on its eval set")
     p.add_argument("run_dir", help="run folder (outputs/runs/<run-id>) holding params.yaml and an artifact")
     p.add_argument("--eval-set", default=None, help="eval JSONL (path or sample:NAME/eval.jsonl); default data.eval")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change a parameter for this evaluation only, e.g. eval.max_examples=8 (repeatable)")
+    p.add_argument("--override", action="append", dest="set", help=argparse.SUPPRESS)  # deprecated spelling of --set
     p.set_defaults(func=_cmd_eval)

@@ -24,8 +24,12 @@ import yaml
 from torch import nn
 from transformers.utils import ModelOutput
 
+from . import tracking
 from .config import (AdapterlabError, Config, ConfigError, build_dataclass, find_params_file, load_layer, make_run_dir,
                                merge_layers, overrides_layer, params_dir, save_config, spec)
+from .data import write_jsonl
+from .skeleton import (TrainingSkeleton, checks_table, markdown_table, metrics_callback, plot_loss,
+                                 prepare_training, read_metrics, summarize_training, verification_rows)
 
 # %% auto #0
 __all__ = ['POOLINGS', 'ALIGNMENT_RULES', 'GUARDS', 'HEAD_MODULES', 'HEAD_KINDS', 'BATCH_DTYPES', 'TARGET_FIELDS', 'HeadsConfig',
@@ -34,8 +38,7 @@ __all__ = ['POOLINGS', 'ALIGNMENT_RULES', 'GUARDS', 'HEAD_MODULES', 'HEAD_KINDS'
            'heads_losses', 'build_heads_model', 'drop_task_type', 'heads_lora_config', 'attach_heads_lora',
            'HeadsDataError', 'LabelShapeError', 'TargetAlignmentError', 'check_label_shape', 'align_targets',
            'read_records', 'encode_record', 'encode_records', 'tensorize', 'HeadsCollator', 'preflight', 'HeadsData',
-           'prepare_heads_data', 'heads_training_arguments', 'evaluate_heads', 'HeadsTrainResult', 'train_heads',
-           'reload_heads_model', 'load_heads_artifact', 'reload_outputs_gap', 'loss_fell', 'heads_report', 'add_cli']
+           'prepare_heads_data']
 
 # %% ../../nbs/07_heads.ipynb #99d5d61b
 POOLINGS = ("cls", "mean")
@@ -448,12 +451,6 @@ class HeadsData:
     files: dict
     stats: dict
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
 def _length_filter(rows, heads: HeadsConfig, cfg: Config, tokenizer) -> tuple[list, dict]:
     lengths = [len(tokenizer(rec[heads.text_field])["input_ids"]) if isinstance(rec.get(heads.text_field), str) else 0
                for _, rec in rows]
@@ -488,10 +485,10 @@ def prepare_heads_data(cfg: Config, heads: HeadsConfig, run_dir: str | Path, tok
     n_val = int(round(len(rows) * cfg.data.val_fraction))
     data_dir = Path(run_dir) / "data"
     files = {"train": data_dir / "train.jsonl"}
-    _write_jsonl(files["train"], [rows[i][1] for i in order[n_val:]])
+    write_jsonl(files["train"], [rows[i][1] for i in order[n_val:]])
     if n_val:
         files["val"] = data_dir / "val.jsonl"
-        _write_jsonl(files["val"], [rows[i][1] for i in order[:n_val]])
+        write_jsonl(files["val"], [rows[i][1] for i in order[:n_val]])
     train, align = encode_records(read_records(files["train"]), heads)
     val = encode_records(read_records(files["val"]), heads)[0] if n_val else []
     evaluation = []
@@ -502,184 +499,3 @@ def prepare_heads_data(cfg: Config, heads: HeadsConfig, run_dir: str | Path, tok
     stats = {"read": n_read, "rejected": rejected, **length_stats, "train": len(train), "val": len(val),
              "eval": len(evaluation), "alignment": align}
     return HeadsData(train, val, evaluation, files, stats)
-
-# %% ../../nbs/07_heads.ipynb #c77c6cd7
-def heads_training_arguments(cfg: Config, run_dir: Path):
-    "`TrainingArguments` from the config (the causal-LM path's settings, minus the SFT-only ones)."
-    from transformers import TrainingArguments
-    on_cpu = cfg.hw.device == "cpu"
-    return TrainingArguments(
-        output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=cfg.hw.batch_size,
-        gradient_accumulation_steps=cfg.hw.grad_accum, num_train_epochs=cfg.train.epochs,
-        max_steps=cfg.train.max_steps, learning_rate=cfg.train.learning_rate, lr_scheduler_type=cfg.train.lr_scheduler,
-        warmup_steps=cfg.train.warmup_ratio, weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm,
-        logging_steps=cfg.train.logging_steps, save_strategy="steps", save_steps=cfg.train.save_steps,
-        save_total_limit=cfg.train.save_total_limit, seed=cfg.seed, data_seed=cfg.seed,
-        full_determinism=cfg.train.deterministic, use_cpu=on_cpu,
-        bf16=not on_cpu and cfg.hw.dtype == "bfloat16", fp16=not on_cpu and cfg.hw.dtype == "float16",
-        optim=cfg.hw.optimizer, report_to=[], dataloader_num_workers=0, eval_strategy="no",
-        remove_unused_columns=False, label_names=list(TARGET_FIELDS), disable_tqdm=True,
-        # named only when used: transformers 5 warns about both names (renamed to activation_checkpointing*)
-        **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
-           if cfg.hw.gradient_checkpointing else {}))
-
-def evaluate_heads(model, features: list[dict], collator: HeadsCollator, batch_size: int,
-                   class_names: list[str]) -> dict:
-    "Loss and per-head metrics (accuracy, score MAE, masked sequence MSE) over `features`."
-    if not features:
-        return {}
-    model.eval()
-    totals = {"loss": 0.0, "correct": 0, "abs_err": 0.0, "sq_err": 0.0, "positions": 0.0}
-    with torch.no_grad():
-        for i in range(0, len(features), batch_size):
-            batch = collator(features[i:i + batch_size])
-            out = model(**batch)
-            n = batch["input_ids"].shape[0]
-            totals["loss"] += float(out.loss) * n
-            totals["correct"] += int((out.class_logits.argmax(-1) == batch["class_labels"]).sum())
-            totals["abs_err"] += float((out.score - batch["score_targets"]).abs().sum())
-            totals["sq_err"] += float((((out.sequence - batch["sequence_targets"]) ** 2) * batch["sequence_mask"]).sum())
-            totals["positions"] += float(batch["sequence_mask"].sum())
-    model.train()
-    n = len(features)
-    return {"loss": totals["loss"] / n, "class_accuracy": totals["correct"] / n, "score_mae": totals["abs_err"] / n,
-            "sequence_mse": totals["sq_err"] / max(totals["positions"], 1.0),
-            "majority_class_accuracy": max(sum(f["class_labels"] == c for f in features)
-                                           for c in range(len(class_names))) / n}
-
-@dataclass
-class HeadsTrainResult:
-    "A heads run's JSON summary, and the live model, tokenizer and collator for further checks."
-    summary: dict
-    model: Any
-    tokenizer: Any
-    collator: HeadsCollator
-    data: HeadsData
-    cfg: Config
-
-def _origin(run_dir: Path) -> dict:
-    path = run_dir / "params_origin.yaml"
-    return yaml.safe_load(path.read_text(encoding="utf-8")) or {} if path.exists() else {}
-
-def train_heads(cfg: Config, heads: HeadsConfig, run_dir: str | Path) -> HeadsTrainResult:
-    "Train LoRA + heads on the encoder as `cfg`/`heads` say into `run_dir`; artifact verified and reloaded."
-    from transformers import Trainer
-    from adapterlab.artifact import (BaseModifiedError, base_checksums, check_only_adapter_trainable,
-                                     compare_checksums, digest_of, verify_artifact, write_artifact)
-    from adapterlab.config import check_hardware
-    from adapterlab.train import metrics_callback, plot_loss, read_metrics, seed_everything, summarize_training
-    run_dir = Path(run_dir)
-    check_hardware(cfg)
-    seed_everything(cfg.seed, cfg.train.deterministic)
-    encoder, tokenizer, source = load_encoder(cfg)
-    data = prepare_heads_data(cfg, heads, run_dir, tokenizer)
-    where = _origin(run_dir).get("heads.hidden_size", "heads")
-    model = attach_heads_lora(build_heads_model(encoder, heads, cfg.seed, where), heads_lora_config(cfg), cfg.seed)
-    trainable = check_only_adapter_trainable(model)
-    before = base_checksums(model)
-    (run_dir / "baseline_checksums.json").write_text(json.dumps(before, indent=2) + "\n")
-    collator = HeadsCollator(tokenizer, cfg.hw.max_seq_length, truncation=cfg.data.too_long == "truncate")
-    shapes = preflight(model, collator(data.train[:cfg.hw.batch_size]))
-
-    args = heads_training_arguments(cfg, run_dir)
-    trainer = Trainer(model=model, args=args, train_dataset=data.train, data_collator=collator,
-                      processing_class=tokenizer, callbacks=[metrics_callback(run_dir / "metrics.jsonl")])
-    val_before = evaluate_heads(model, data.val, collator, cfg.hw.batch_size, heads.class_names)
-    start = time.time()
-    trainer.train()
-    wall = time.time() - start
-    val_after = evaluate_heads(model, data.val, collator, cfg.hw.batch_size, heads.class_names)
-    eval_after = evaluate_heads(model, data.eval, collator, cfg.hw.batch_size, heads.class_names)
-
-    changed = compare_checksums(before, base_checksums(model))
-    verification = {"base_tensors_checked": len(before), "base_tensors_changed": changed,
-                    "base_checksums_sha256": digest_of(before), "preflight_shapes": shapes,
-                    **{k: v for k, v in trainable.items() if k != "non_adapter_trainable"}}
-    if changed:
-        (run_dir / "verification.json").write_text(json.dumps(verification, indent=2) + "\n")
-        raise BaseModifiedError(f"{len(changed)} base tensor(s) changed during training:\n  " + "\n  ".join(changed[:20]))
-    metrics = summarize_training(read_metrics(run_dir), wall)
-    metrics.update({f"val_{k}_before": v for k, v in val_before.items()})
-    metrics.update({f"val_{k}_after": v for k, v in val_after.items()})
-    metrics.update({f"eval_{k}": v for k, v in eval_after.items()})
-    plot_loss(run_dir)
-    extra = {"task": "encoder_heads", "heads": dataclasses.asdict(heads), "data_stats": data.stats,
-             "base_checksums_sha256": verification["base_checksums_sha256"],
-             "trainable_parameters": {k: trainable[k] for k in ("trainable", "total", "percent")}}
-    artifact = write_artifact(run_dir, model, cfg, metrics=metrics, base=source, data_files=data.files, extra=extra)
-    verification["artifact"] = str(artifact)
-    verification["artifact_problems"] = verify_artifact(artifact, source.location)
-    (run_dir / "verification.json").write_text(json.dumps(verification, indent=2) + "\n")
-    summary = {"run_dir": str(run_dir), "artifact": str(artifact), "metrics": metrics, "verification": verification,
-               "data": data.stats}
-    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return HeadsTrainResult(summary, model, tokenizer, collator, data, cfg)
-
-# %% ../../nbs/07_heads.ipynb #f65c8d61
-def reload_heads_model(artifact: str | Path, cfg: Config, heads: HeadsConfig):
-    "Base encoder + heads + the artifact's adapter, loaded through verification."
-    from adapterlab.artifact import load_verified_adapter
-    encoder, _, _ = load_encoder(cfg)
-    fresh = build_heads_model(encoder, heads, cfg.seed + 1)  # other initial heads: the artifact must replace them
-    return load_verified_adapter(artifact, fresh).eval()
-
-def load_heads_artifact(artifact: str | Path):
-    "A heads artifact on its own: the config and heads it recorded, the base encoder, the adapter (verified)."
-    from adapterlab.config import config_from_dict
-    folder = Path(artifact)
-    cfg = config_from_dict(yaml.safe_load((folder / "training_config.yaml").read_text(encoding="utf-8")))
-    meta = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
-    if meta.get("task") != "encoder_heads":
-        raise HeadsConfigError(f"{folder}: not a heads artifact (metadata task: {meta.get('task')!r})")
-    heads = build_dataclass(HeadsConfig, meta["heads"], {}, "heads.")
-    return reload_heads_model(folder, cfg, heads)
-
-def reload_outputs_gap(result: HeadsTrainResult) -> float:
-    "Max |difference| over all head outputs between the trained model and its artifact, loaded on its own."
-    reloaded = load_heads_artifact(result.summary["artifact"])
-    features = (result.data.val or result.data.train)[:result.cfg.hw.batch_size]
-    batch = {k: v for k, v in result.collator(features).items() if k not in TARGET_FIELDS}
-    result.model.eval()
-    with torch.no_grad():
-        a, b = result.model(**batch), reloaded(**batch)
-    return max(float((a[k] - b[k]).abs().max()) for k in ("class_logits", "score", "sequence"))
-
-# %% ../../nbs/07_heads.ipynb #2aa3e1f5
-def loss_fell(history: list[dict], window: int) -> tuple[bool, float, float]:
-    "Mean of the first `window` logged losses vs the last `window`: (fell?, first mean, last mean)."
-    losses = [r["loss"] for r in history if "loss" in r]
-    if len(losses) < 2 * window:
-        raise ValueError(f"need at least {2 * window} logged losses to compare, got {len(losses)}")
-    first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
-    return last < first, first, last
-
-def heads_report(summary: dict) -> str:
-    "Markdown table of a heads run's checks and metrics."
-    v, m = summary["verification"], summary["metrics"]
-    rows = [("only LoRA and the heads trainable", True, f"{v['trainable']:,} of {v['total']:,} parameters ({v['percent']}%)"),
-            ("base weights unchanged by training", not v["base_tensors_changed"], f"{v['base_tensors_checked']} tensors hashed"),
-            ("preflight: head outputs match targets", True, ", ".join(f"{k} {tuple(s)}" for k, s in v["preflight_shapes"].items())),
-            ("artifact verified", not v["artifact_problems"], "; ".join(v["artifact_problems"]) or "files, checksums, tensors")]
-    lines = ["| check | result | evidence |", "|---|---|---|"]
-    lines += [f"| {c} | {'✅ pass' if ok else '❌ FAIL'} | {e} |" for c, ok, e in rows]
-    shown = [k for k in m if k.startswith(("val_", "eval_")) and isinstance(m[k], float)]
-    lines += ["", "| metric | value |", "|---|---|"] + [f"| {k} | {m[k]:.4g} |" for k in shown]
-    return "\n".join(lines)
-
-# %% ../../nbs/07_heads.ipynb #bd9b492a
-def _cmd_heads_train(args) -> int:
-    cfg, heads, run_dir = open_heads_run(args.experiment, args.hw, args.override, args.run_dir)
-    result = train_heads(cfg, heads, run_dir)
-    print(heads_report(result.summary))
-    print(f"artifact: {result.summary['artifact']}")
-    gap = reload_outputs_gap(result)
-    print(f"max |output difference| after reloading the artifact: {gap:.2e}")
-    return 0 if not result.summary["verification"]["artifact_problems"] else 1
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("heads-train", help="train LoRA + custom heads on an encoder (e.g. MiniLM)")
-    p.add_argument("--experiment", default="minilm_heads", help="a heads experiment (with a `heads:` section)")
-    p.add_argument("--hw", default="cpu", help="hardware profile")
-    p.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--run-dir", default=None, help="an existing run folder")
-    p.set_defaults(func=_cmd_heads_train)

@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import html
 import json
+import os
+import re
+import shutil
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from . import tracking
 from .config import AdapterlabError, Config, check_hardware, load_run_config, open_run, project_root, resolve_config, runs_root
 
 # %% auto #0
-__all__ = ['STAGES', 'DRY_RUN_STAGES', 'OPTIONAL_STAGES', 'StageFailed', 'stage_notebook', 'read_status', 'environment_lock',
-           'write_provenance', 'ipc_kernel_manager', 'run_stage', 'find_run', 'run_pipeline', 'data_markdown',
-           'compat_markdown', 'preference_markdown', 'report_markdown', 'write_report', 'list_runs', 'format_runs',
-           'add_cli']
+__all__ = ['STAGES', 'DRY_RUN_STAGES', 'OPTIONAL_STAGES', 'StageFailed', 'RunInterrupted', 'stage_notebook', 'read_status',
+           'run_state', 'environment_lock', 'write_provenance', 'ipc_kernel_manager', 'error_location', 'run_stage',
+           'find_run', 'run_pipeline', 'data_markdown', 'compat_markdown', 'preference_markdown', 'headline_markdown',
+           'plain_words', 'report_markdown', 'write_report', 'list_runs', 'format_runs', 'add_cli']
 
 # %% ../../nbs/11_pipeline.ipynb #b5c94c85
 STAGES = ("data", "compat", "train", "regressions", "eval")
@@ -29,7 +35,10 @@ DRY_RUN_STAGES = ("data", "compat", "train")
 OPTIONAL_STAGES = ("preference",)   # run on request (`--also preference`), after the pipeline's own
 
 class StageFailed(AdapterlabError, RuntimeError):
-    "A stage notebook raised; says which stage, which cell, and what."
+    "A stage notebook raised; says which stage, where (file:line), and what, in one line."
+
+class RunInterrupted(AdapterlabError):
+    "The run was stopped (Ctrl-C, SIGTERM); its status is `interrupted` and `--resume` continues it."
 
 def stage_notebook(name: str) -> Path:
     "The source notebook of a stage."
@@ -42,10 +51,39 @@ def read_status(run_dir: Path) -> dict:
     path = Path(run_dir) / "status.json"
     return json.loads(path.read_text()) if path.exists() else {"status": "new", "stages": {}}
 
+_STATUS_LOCK = threading.Lock()   # the heartbeat thread and the pipeline write the same file
+
 def _write_status(run_dir: Path, status: dict) -> None:
-    tmp = run_dir / ".status.json.tmp"
-    tmp.write_text(json.dumps(status, indent=2) + "\n")
-    tmp.replace(run_dir / "status.json")
+    with _STATUS_LOCK:
+        tmp = run_dir / ".status.json.tmp"
+        tmp.write_text(json.dumps(status, indent=2) + "\n")
+        tmp.replace(run_dir / "status.json")
+
+def run_state(run_dir: Path, cfg: Config | None = None) -> str:
+    """What a run is, honestly: `running` only while the process that wrote it is alive (pid on this host, heartbeat
+    elsewhere), else `interrupted`. Runs made without the pipeline get a status too: a queue training's own record,
+    or what a stage notebook left (`trained`, `evaluated`, ...)."""
+    run_dir = Path(run_dir)
+    status = read_status(run_dir)
+    if (run_dir / "status.json").exists():
+        if status.get("status") != "running":
+            return status.get("status", "new")
+        t = (cfg or load_run_config(run_dir)).tracking
+        alive = tracking.owner_alive(status.get("owner"), status.get("heartbeat_utc"), t.heartbeat_s * t.stale_heartbeats)
+        return "running" if alive else "interrupted"
+    queue = _json(run_dir / "queue_train.json")
+    if queue:
+        state = queue.get("state", "")
+        if state in ("starting", "running"):
+            import psutil
+            return f"queue {state}" if queue.get("pid") and psutil.pid_exists(queue["pid"]) else "queue interrupted"
+        return f"queue {state}"
+    done = [label for label, path in (("evaluated", "eval/report.json"), ("trained", "train_summary.json"),
+                                      ("regressions checked", "regressions/table.md"), ("data prepared", "data/stats.json"))
+            if (run_dir / path).exists()]
+    if done:
+        return f"stage-only: {done[0]}"
+    return "stage-only: incomplete" if (run_dir / "metrics.jsonl").exists() else "new"
 
 # %% ../../nbs/11_pipeline.ipynb #5299e10f
 def environment_lock() -> str:
@@ -92,24 +130,71 @@ def ipc_kernel_manager(folder: Path):
 
     return IPCKernelManager
 
-def run_stage(name: str, index: int, run_dir: Path, parameters: dict) -> Path:
-    "Execute one stage notebook into `run_dir/notebooks/`; raise `StageFailed` naming the cell and the error."
+_FRAME = re.compile(r'File "?(?P<file>[^",\s]+)"?(?::|, line )(?P<line>\d+)|Cell In\[(?P<cell>\d+)\], line (?P<cline>\d+)')
+
+def error_location(traceback_lines: list[str], root: Path | None = None) -> str | None:
+    """`file:line` of the frame that raised, from a kernel's traceback: the deepest frame in adapterlab's own code, else
+    the deepest frame, else the notebook cell; paths relative to the project."""
+    root = root or project_root()
+    frames = [m for m in _FRAME.finditer(tracking._ANSI.sub("", "\n".join(traceback_lines)))]
+    if not frames:
+        return None
+    def where(m):
+        if m["cell"]:
+            return f"cell In[{m['cell']}], line {m['cline']}"
+        path = Path(m["file"]).expanduser()
+        try:
+            path = path.resolve().relative_to(root)
+        except ValueError:
+            pass
+        return f"{path}:{m['line']}"
+    ours = [m for m in frames if m["file"] and "adapterlab" in m["file"] and "site-packages" not in m["file"]]
+    return where((ours or [m for m in frames if m["file"]] or frames)[-1])
+
+def _stop_kernels() -> None:
+    "Kill this process's own Jupyter kernels (children started by papermill)."
+    import psutil
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "ipykernel_launcher" in " ".join(child.cmdline()):
+                child.kill()
+        except psutil.Error:
+            pass
+
+def run_stage(name: str, index: int, run_dir: Path, parameters: dict, progress=None) -> Path:
+    """Execute one stage notebook into `run_dir/notebooks/`, its output stream into `progress` (a
+    `tracking.StageProgress`: live progress and the stage's log file); raise `StageFailed` as one line: the stage,
+    `file:line`, the error, and where the full traceback is."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
     src = stage_notebook(name)
     out = run_dir / "notebooks" / f"{index:02d}_{name}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
+    log = progress.log_path if progress is not None else None
     try:
         with tempfile.TemporaryDirectory(prefix="adapterlab-kernel-") as sockets:
             papermill.execute_notebook(str(src), str(out), parameters=parameters, kernel_name="python3",
                                        progress_bar=False, log_output=False, cwd=str(src.parent),
+                                       stdout_file=progress, stderr_file=progress,
                                        kernel_manager_class=ipc_kernel_manager(Path(sockets)))
     except PapermillExecutionError as e:
+        if e.ename == "KeyboardInterrupt":   # Ctrl-C reached the kernel before us
+            raise KeyboardInterrupt from None
+        if log is not None:
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(tracking._ANSI.sub("", "\n".join(e.traceback)) + "\n")
         first_line = str(e.evalue).strip().splitlines()[0] if str(e.evalue).strip() else ""
-        raise StageFailed(f"stage '{name}' failed in cell [{e.exec_count}]: {e.ename}: {first_line}\n"
-                          f"  executed notebook (with the full traceback): {out}\n"
-                          f"  the run folder keeps what was done: {run_dir}") from None
+        at = error_location(e.traceback)
+        raise StageFailed(f"stage '{name}' failed{' at ' + at if at else ''} (cell [{e.exec_count}]): {e.ename}: "
+                          f"{first_line} (full traceback: {log or out})") from None
+    except KeyboardInterrupt:
+        _stop_kernels()   # papermill may not have shut the busy kernel down: it must not go on writing into the run
+        raise
+    except Exception as e:   # the kernel died (killed, out of memory), or papermill could not start it
+        raise StageFailed(f"stage '{name}' failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                          f" (executed notebook: {out})") from None
     return out
+
 
 # %% ../../nbs/11_pipeline.ipynb #d96201a6
 def find_run(run_id: str | Path) -> Path:
@@ -124,57 +209,131 @@ def find_run(run_id: str | Path) -> Path:
         raise FileNotFoundError(f"{run_id}: no such run (looked in {runs_root(cfg)}); `adapterlab runs` lists them")
     return d
 
+class _Heartbeat:
+    "Rewrites `heartbeat_utc` in status.json every `tracking.heartbeat_s` seconds while the pipeline runs."
+    def __init__(self, run_dir: Path, status: dict, every_s: float):
+        self.run_dir, self.status, self.every_s, self.stop = run_dir, status, every_s, threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self):
+        while not self.stop.wait(self.every_s):
+            self.status["heartbeat_utc"] = _now()
+            _write_status(self.run_dir, self.status)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+def _sigterm_as_interrupt():
+    "SIGTERM stops a run like Ctrl-C does (main thread only); returns the handler to restore."
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    def handler(signum, frame):   # re-sent as SIGINT: the event loop papermill runs in turns SIGINT into a clean stop,
+        os.kill(os.getpid(), signal.SIGINT)   # where an exception raised from here could be lost inside the loop
+    return signal.signal(signal.SIGTERM, handler)
+
 def run_pipeline(experiment: str = "json_contacts", hw: str = "cpu", overrides: list[str] | None = None,
                  dry_run: bool = False, resume: str | Path | None = None, stages: tuple = STAGES,
-                 echo=print) -> Path:
-    "Run the stages in order into one run folder and write its report; returns the run folder."
+                 echo=print, out=None) -> Path:
+    """Run the stages in order into one run folder and write its report; returns the run folder. Live progress of each
+    stage goes to `out` (default stdout): bars on a terminal, a few lines per phase elsewhere. One process per run
+    folder (a lock); Ctrl-C or SIGTERM stops it as `interrupted` (`RunInterrupted`), which `--resume` continues."""
     if resume:
         run_dir = find_run(resume)
         cfg = load_run_config(run_dir)
         check_hardware(cfg)
+        lock = tracking.lock_run(run_dir, read_status(run_dir).get("owner"))
     else:
         check_hardware(*resolve_config(experiment, hw, overrides))   # a GPU profile without a GPU: stop before any stage
         cfg, run_dir = open_run(experiment, hw, overrides)
-        write_provenance(cfg, run_dir)
-    status = read_status(run_dir)
-    status.update(status="running", experiment=cfg.experiment, hw=cfg.hw.name, dry_run=dry_run,
-                  started_utc=status.get("started_utc") or _now())
-    _write_status(run_dir, status)
-    if resume:   # the optional stages the run was started with are part of it
-        stages = tuple(stages) + tuple(s for s in status.get("also", []) if s not in stages)
-    status["also"] = [s for s in stages if s in OPTIONAL_STAGES]
-    todo = [s for s in stages if not dry_run or s in DRY_RUN_STAGES]
-    echo(f"run {run_dir.name}: {' → '.join(todo)}{' (dry run)' if dry_run else ''}")
-    for i, name in enumerate(todo, 1):
-        record = status["stages"].get(name, {})
-        if record.get("status") == "done":
-            echo(f"[{i}/{len(todo)}] {name:<12} already done, skipped")
-            continue
-        params = {"run_dir": str(run_dir)}
-        if name == "train":
-            params.update(dry_run=dry_run, resume=bool(resume) and record.get("status") in ("running", "failed"))
-        status["stages"][name] = {"status": "running", "started_utc": _now()}
+        lock = tracking.lock_run(run_dir)
+    previous = _sigterm_as_interrupt()
+    started_a_stage = False
+    try:
+        if not resume:
+            write_provenance(cfg, run_dir)
+        status = read_status(run_dir)
+        status.update(status="running", experiment=cfg.experiment, hw=cfg.hw.name, dry_run=dry_run,
+                      started_utc=status.get("started_utc") or _now(), owner=tracking.owner_record(),
+                      heartbeat_utc=_now())
+        status.pop("finished_utc", None)
+        if resume:   # the optional stages the run was started with are part of it
+            stages = tuple(stages) + tuple(s for s in status.get("also", []) if s not in stages)
+        status["also"] = [s for s in stages if s in OPTIONAL_STAGES]
         _write_status(run_dir, status)
-        start = time.time()
-        try:
-            notebook = run_stage(name, i, run_dir, params)
-        except StageFailed as e:
-            status["stages"][name].update(status="failed", seconds=round(time.time() - start, 1), error=str(e))
-            status["status"] = "failed"
-            _write_status(run_dir, status)
-            write_report(run_dir)
-            echo(f"[{i}/{len(todo)}] {name:<12} FAILED after {time.time() - start:.0f}s")
-            raise
-        status["stages"][name].update(status="done", seconds=round(time.time() - start, 1),
-                                      notebook=str(notebook.relative_to(run_dir)))
+        if cfg.tracking.mlflow:
+            run_id = tracking.start_mlflow_run(cfg, run_dir)
+            echo(f"mlflow: run {run_id} in {tracking.redact_uri(tracking.mlflow_uri(cfg))}")
+        todo = [s for s in stages if not dry_run or s in DRY_RUN_STAGES]
+        echo(f"run {run_dir.name}: {' → '.join(todo)}{' (dry run)' if dry_run else ''}")
+        with _Heartbeat(run_dir, status, cfg.tracking.heartbeat_s):
+            for i, name in enumerate(todo, 1):
+                record = status["stages"].get(name, {})
+                if record.get("status") == "done":
+                    echo(f"[{i}/{len(todo)}] {name:<12} already done, skipped")
+                    continue
+                params = {"run_dir": str(run_dir)}
+                if name == "train":
+                    params.update(dry_run=dry_run,
+                                  resume=bool(resume) and record.get("status") in ("running", "failed", "interrupted"))
+                status["stages"][name] = {"status": "running", "started_utc": _now()}
+                _write_status(run_dir, status)
+                started_a_stage = True
+                start = time.time()
+                try:
+                    with tracking.StageProgress(name, run_dir, cfg, run_dir / "logs" / f"{i:02d}_{name}.log",
+                                                out=out) as progress:
+                        notebook = run_stage(name, i, run_dir, params, progress)
+                except StageFailed as e:
+                    status["stages"][name].update(status="failed", seconds=round(time.time() - start, 1), error=str(e))
+                    status["status"] = "failed"
+                    _write_status(run_dir, status)
+                    write_report(run_dir)
+                    tracking.end_mlflow_run(cfg, run_dir, "FAILED")
+                    echo(f"[{i}/{len(todo)}] {name:<12} FAILED after {time.time() - start:.0f}s")
+                    raise
+                except KeyboardInterrupt:
+                    status["stages"][name].update(status="interrupted", seconds=round(time.time() - start, 1))
+                    status.update(status="interrupted", finished_utc=_now())
+                    _write_status(run_dir, status)
+                    write_report(run_dir)
+                    tracking.end_mlflow_run(cfg, run_dir, "KILLED")
+                    raise RunInterrupted(f"interrupted during stage '{name}' after {time.time() - start:.0f}s; "
+                                         f"continue with: adapterlab run --resume {run_dir.name}") from None
+                status["stages"][name].update(status="done", seconds=round(time.time() - start, 1),
+                                              notebook=str(notebook.relative_to(run_dir)))
+                _write_status(run_dir, status)
+                echo(f"[{i}/{len(todo)}] {name:<12} done in {time.time() - start:.0f}s")
+        finished = "dry-run ok" if dry_run else "done" if STAGES[-1] in todo else f"stopped after {todo[-1]}"
+        status.update(status=finished, finished_utc=_now())
         _write_status(run_dir, status)
-        echo(f"[{i}/{len(todo)}] {name:<12} done in {time.time() - start:.0f}s")
-    finished = "dry-run ok" if dry_run else "done" if STAGES[-1] in todo else f"stopped after {todo[-1]}"
-    status.update(status=finished, finished_utc=_now())
-    _write_status(run_dir, status)
-    report = write_report(run_dir)
-    echo(f"report: {report}")
-    return run_dir
+        report = write_report(run_dir)
+        if cfg.tracking.mlflow:
+            tracking.log_run_results(cfg, run_dir)
+            tracking.end_mlflow_run(cfg, run_dir, "FINISHED")
+        echo(f"report: {report}")
+        return run_dir
+    except KeyboardInterrupt:   # before or between stages
+        if not started_a_stage and not resume:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise RunInterrupted("interrupted before any stage ran; no run folder kept") from None
+        status = read_status(run_dir)
+        status.update(status="interrupted", finished_utc=_now())
+        _write_status(run_dir, status)
+        raise RunInterrupted(f"interrupted; continue with: adapterlab run --resume {run_dir.name}") from None
+    except BaseException:
+        if not started_a_stage and not resume:   # refused before any stage: leave nothing behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        lock.release()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
 
 # %% ../../nbs/11_pipeline.ipynb #b0db0546
 def _read(path: Path) -> str | None:
@@ -264,18 +423,44 @@ def preference_markdown(summary: dict, run_dir: Path) -> str:
         lines += ["", "### What DPO changed on the eval set", "", comparison.strip()]
     return "\n".join(lines)
 
+def headline_markdown(run_dir: Path, state: str, status: dict) -> str:
+    """The answer first: base vs adapter on the eval metrics with their 95% intervals and the verdict, or why there is
+    no answer yet (the run failed, was interrupted, or has not reached the eval stage)."""
+    ev = _json(run_dir / "eval" / "report.json")
+    if not ev:
+        failed = [(n, r) for n, r in status.get("stages", {}).items() if r.get("status") in ("failed", "interrupted")]
+        why = (f"stage **{failed[-1][0]}** {failed[-1][1]['status']}" + (f": {failed[-1][1]['error']}" if failed[-1][1].get("error") else "")
+               if failed else "the eval stage has not run")
+        return f"**No verdict yet**: {why}. Run status: **{state}**."
+    metrics = ev["metrics"]
+    counts = {v: [n for n, m in metrics.items() if m["verdict"] == v] for v in ("adapter better", "adapter worse", "no clear change")}
+    verdict = ("; ".join(f"{v} on {', '.join(names)}" for v, names in counts.items() if names) or "no metrics")
+    rows = [[name, m["base"], m["adapter"], f"{m['delta']:+.4g}", f"[{m['ci95'][0]:+.4g}, {m['ci95'][1]:+.4g}]", m["verdict"]]
+            for name, m in metrics.items()]
+    return "\n".join([f"**Verdict: {verdict}** ({ev['n_examples']} eval examples, paired bootstrap 95% intervals of "
+                      f"adapter − base). Run status: **{state}**.", "",
+                      _table(["metric", "base", "adapter", "change", "95% interval of the change", "verdict"], rows)])
+
+_EMOJI_WORDS = (("✅ ", ""), ("❌ ", ""), ("⚠️ ", ""), ("⚠ ", ""), ("✅", "yes"), ("❌", "no"))
+
+def plain_words(md: str) -> str:
+    "Emoji marks of the stages' tables as the plain words next to them (a report is read, printed, grepped)."
+    for mark, word in _EMOJI_WORDS:
+        md = md.replace(mark, word)
+    return md
+
 def report_markdown(run_dir: str | Path) -> str:
     "The run report as Markdown (links are relative to the run folder)."
-    from adapterlab.train import memory_table, verification_table
     run_dir = Path(run_dir)
     status, cfg = read_status(run_dir), load_run_config(run_dir)
+    state = run_state(run_dir, cfg)
     stages = "\n".join(f"| {n} | {r.get('status')} | {r.get('seconds', '')} | "
                        + (f"[notebook]({r['notebook']})" if r.get("notebook") else (r.get("error", "").splitlines() or [""])[0])
                        + " |" for n, r in status.get("stages", {}).items())
-    parts = [f"# Run `{run_dir.name}`\n",
+    parts = [f"# Run `{run_dir.name}`\n", headline_markdown(run_dir, state, status) + "\n",
              f"Experiment **{cfg.experiment}** on hardware profile **{cfg.hw.name}**, base model `{cfg.model.base_model}`, "
              f"LoRA r={cfg.lora.r} α={cfg.lora.alpha} on `{cfg.lora.target_modules}`, seed {cfg.seed}. "
-             f"Status: **{status.get('status')}**.\n",
+             f"Status: **{state}**.\n",
              "| stage | status | seconds | record |\n|---|---|---|---|\n" + stages + "\n",
              "Parameters: [params.yaml](params.yaml) (origin of every value: [params_origin.yaml](params_origin.yaml)); "
              "environment: [environment.txt](environment.txt); provenance: [provenance.json](provenance.json).\n"]
@@ -287,6 +472,7 @@ def report_markdown(run_dir: str | Path) -> str:
     dry = _json(run_dir / "dry_run.json")
     train_md = None
     if summary:
+        from adapterlab.train import memory_table, verification_table   # (torch: only when there is training to show)
         m = summary["metrics"]
         train_md = _table(["metric", "value"], [[k, v] for k, v in m.items()])
         train_md += "\n\n![loss](loss.png)\n\n### Verification\n\n" + verification_table(summary)
@@ -308,7 +494,7 @@ def report_markdown(run_dir: str | Path) -> str:
     if preference or "preference" in status.get("stages", {}):
         parts.append(_section("Preference tuning (DPO)", preference_markdown(preference, run_dir) if preference else None,
                               "the preference stage did not finish"))
-    return "\n".join(parts)
+    return plain_words("\n".join(parts))
 
 def write_report(run_dir: str | Path) -> Path:
     "Write `report.md` and a standalone `report.html` into the run folder."
@@ -319,7 +505,10 @@ def write_report(run_dir: str | Path) -> Path:
     body = markdown.markdown(md, extensions=["tables", "fenced_code"])
     style = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;line-height:1.5}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25rem .6rem}img{max-width:100%}"
-             "code{background:#f4f4f4;padding:0 .2rem}")
+             "code{background:#f4f4f4;padding:0 .2rem}"
+             # wide blocks wrap instead of running off the page
+             "pre{white-space:pre-wrap;overflow-wrap:anywhere}td,th{overflow-wrap:anywhere}"
+             "table{display:block;overflow-x:auto;max-width:100%}")
     (run_dir / "report.html").write_text(f"<!doctype html><meta charset='utf-8'><title>{html.escape(run_dir.name)}</title>"
                                          f"<style>{style}</style>{body}", encoding="utf-8")
     return run_dir / "report.md"
@@ -338,7 +527,7 @@ def list_runs(root: Path | None = None) -> list[dict]:
         metrics = summary.get("metrics", {})
         ev = _json(run_dir / "eval" / "report.json") or {}
         row = {"id": run_dir.name, "started": status.get("started_utc", ""), "experiment": status.get("experiment", ""),
-               "hw": status.get("hw", ""), "status": status.get("status", "stage-only"),
+               "hw": status.get("hw", ""), "status": run_state(run_dir),
                "final_loss": metrics.get("final_loss"), "val_loss": metrics.get("val_loss_after")}
         for k, v in (ev.get("adapter") or {}).items():
             if isinstance(v, (int, float)) and k in ("exact_match", "json_validity"):
@@ -357,8 +546,13 @@ def format_runs(rows: list[dict]) -> str:
 
 # %% ../../nbs/11_pipeline.ipynb #478345a1
 def _cmd_run(args) -> int:
+    import sys
     stages = STAGES[:STAGES.index(args.until) + 1] + tuple(s for s in OPTIONAL_STAGES if s in args.also)
-    run_dir = run_pipeline(args.experiment, args.hw, args.set, dry_run=args.dry_run, resume=args.resume, stages=stages)
+    try:
+        run_dir = run_pipeline(args.experiment, args.hw, args.set, dry_run=args.dry_run, resume=args.resume, stages=stages)
+    except RunInterrupted as e:
+        print(f"adapterlab run: {e}", file=sys.stderr)
+        return 130
     print(f"run folder: {run_dir}")
     return 0
 
@@ -366,17 +560,29 @@ def _cmd_runs(args) -> int:
     print(format_runs(list_runs()))
     return 0
 
+def _names(folder: str) -> str:
+    return ", ".join(sorted(p.stem for p in (project_root() / "params" / folder).glob("*.yaml"))) or "(none found)"
+
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("run", help="run the pipeline (data, compat, train, regressions, eval) into one run folder")
+    import argparse
+    p = subparsers.add_parser(
+        "run", help="run the pipeline (data, compat, train, regressions, eval) into one run folder",
+        description="Run the stage notebooks in order into one run folder (outputs/runs/<id>) and write its report, "
+                    "with live progress of training and evaluation.",
+        epilog=f"experiments (-f): {_names('experiments')}\nhardware profiles (--hw): {_names('hw')}",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hw", default="cpu", help="hardware profile name or YAML path")
     p.add_argument("-f", "--experiment", default="json_contacts", help="experiment name or YAML path")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="validate params, data, model, trainer; train nothing")
-    p.add_argument("--resume", metavar="RUN_ID", help="continue a failed or killed run")
+    p.add_argument("--resume", metavar="RUN_ID", help="continue a failed, killed or interrupted run")
     p.add_argument("--until", choices=STAGES, default=STAGES[-1], metavar="STAGE",
                    help=f"stop after this stage (one of {', '.join(STAGES)}); a later --resume goes on from there")
     p.add_argument("--also", action="append", default=[], choices=OPTIONAL_STAGES, metavar="STAGE",
                    help=f"after the pipeline, also run this stage in the same run folder ({', '.join(OPTIONAL_STAGES)})")
     p.set_defaults(func=_cmd_run)
-    p = subparsers.add_parser("runs", help="list runs with their status and key metrics")
+    p = subparsers.add_parser("runs", help="list runs with their status and key metrics",
+                              description="One line per run folder: id, start, experiment, profile, status (a run whose "
+                                          "process died shows `interrupted`) and key metrics.")
     p.set_defaults(func=_cmd_runs)
+

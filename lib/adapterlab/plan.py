@@ -546,7 +546,7 @@ def plan_for(cfg: Config, arch: str | None = None, *, fit: bool = False) -> tupl
     return fit_plan(mc, cfg) if fit else (cfg, plan_memory(mc, cfg))
 
 def _plan_cmd(args) -> int:
-    overrides = list(args.override or [])
+    overrides = list(args.set or [])
     for key, value in (("hw.max_seq_length", args.seq_len), ("hw.batch_size", args.batch), ("lora.r", args.rank)):
         if value is not None: overrides.append(f"{key}={value}")
     cfg, _ = resolve_config(args.experiment, args.hw, overrides)
@@ -563,7 +563,7 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser("plan", help="estimate peak GPU memory of a training step before loading anything",
                               description="Estimate the peak accelerator memory of one training step, by component.")
     p.add_argument("--hw", default="cpu", help="hardware profile (params/hw/NAME.yaml)")
-    p.add_argument("--experiment", default="json_contacts", help="experiment (sets the LoRA shape)")
+    p.add_argument("-f", "--experiment", default="json_contacts", help="experiment (sets the LoRA shape)")
     p.add_argument("--arch", default=None, help=f"architecture preset ({', '.join(ARCH_PRESETS)}), a local model "
                                                  f"folder or config.json; default: the profile's base model")
     p.add_argument("--seq-len", type=int, default=None, help="override hw.max_seq_length")
@@ -571,5 +571,6 @@ def add_cli(subparsers) -> None:
     p.add_argument("--rank", type=int, default=None, help="override lora.r")
     p.add_argument("--fit", action="store_true", help="adjust micro-batch/accumulation/checkpointing to the budget")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("-o", "--override", action="append", help="section.key=value (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter (repeatable)")
+    p.add_argument("-o", "--override", action="append", dest="set", help=argparse.SUPPRESS)  # deprecated spelling of --set
     p.set_defaults(func=_plan_cmd)

@@ -15,23 +15,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .artifact import (ArtifactError, BaseModifiedError, base_checksums, check_only_adapter_trainable,
-                                 compare_checksums, digest_of, load_verified_adapter, verify_artifact, write_artifact)
-from .compat import build_dpo_trainer
-from .config import Config, check_hardware
+from .artifact import ArtifactError, load_verified_adapter
+from .compat import build_dpo_trainer, sft_settings
+from .config import Config
 from .data import (DataError, Example, RecordProblem, Reject, check_clean, count_tokens, decode_line,
                              display_name, iter_lines, normalise_record, parse_object, resolve_data_path, write_jsonl)
 from .models import load_base_model, sha256_file
-from .train import (TrainResult, attach_lora, latest_checkpoint, metrics_callback, seed_everything,
-                              sft_settings, summarize_training)
+from .skeleton import (TrainingSkeleton, distributed_state, latest_checkpoint, markdown_table, metrics_callback,
+                                 prepare_training, read_metrics, summarize_training, verification_table, write_json)
+from . import tracking
+from .train import TrainResult, attach_lora
+
 
 # %% auto #0
 __all__ = ['PAIR_FIELDS', 'REF_ADAPTER', 'PreferencePair', 'parse_pair', 'read_pairs', 'pairs_from_queue', 'pair_length',
            'PreparedPairs', 'preference_dir', 'prepare_pairs', 'load_prepared_pairs', 'pairs_dataset',
            'pair_batch_size', 'dpo_settings', 'with_artifact_lora', 'artifact_reference', 'find_sft_artifact',
-           'distributed_state', 'read_history', 'preference_metrics', 'plot_preference', 'run_preference',
-           'preference_stage', 'compare_on_eval', 'comparison_markdown', 'evaluate_preference', 'examples_markdown',
-           'add_cli']
+           'preference_metrics', 'plot_preference', 'run_preference', 'preference_stage', 'compare_on_eval',
+           'comparison_markdown', 'evaluate_preference', 'examples_markdown', 'add_cli']
 
 # %% ../../nbs/13_preference.ipynb #aea3465c
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -230,7 +231,7 @@ def dpo_settings(cfg: Config, run_dir: str | Path) -> dict:
     p = cfg.preference
     settings.update(output_dir=str(preference_dir(run_dir) / "checkpoints"), beta=p.beta, loss_type=[p.loss_type],
                     learning_rate=p.learning_rate, num_train_epochs=p.epochs, max_steps=p.max_steps,
-                    per_device_train_batch_size=pair_batch_size(cfg))
+                    per_device_train_batch_size=pair_batch_size(cfg), report_to=tracking.report_to(cfg, preference_dir(run_dir)))
     if p.sft_weight > 0:  # RPO: DPO plus the chosen answers' NLL, so their likelihood cannot fall while the margin grows
         settings.update(loss_type=[p.loss_type, "sft"], loss_weights=[1.0, p.sft_weight])
     return settings
@@ -263,17 +264,8 @@ def find_sft_artifact(run_dir: str | Path, given: str | Path | None = None) -> P
              and json.loads((p / "metadata.json").read_text()).get("stage") != "preference"]
     return max(found, key=_artifact_version) if found else None
 
-# %% ../../nbs/13_preference.ipynb #85b0ab2d
-def distributed_state(cfg: Config):
-    "Accelerate's process state, as the trainer will set it up (CPU profiles use gloo)."
-    from accelerate import PartialState
-    return PartialState(cpu=cfg.hw.device == "cpu")
-
 # %% ../../nbs/13_preference.ipynb #acb8e1b2
 REF_ADAPTER = "ref"   # the name TRL gives its frozen copy of the starting adapter (the reference policy)
-
-def read_history(path: Path) -> list[dict]:
-    return [json.loads(l) for l in open(path, encoding="utf-8") if l.strip()] if path.exists() else []
 
 def preference_metrics(history: list[dict], wall_s: float) -> dict:
     "The train summary (loss, steps, throughput) plus DPO's reward accuracy and margin, first and last."
@@ -287,7 +279,7 @@ def preference_metrics(history: list[dict], wall_s: float) -> dict:
 def plot_preference(run_dir: str | Path, save: bool = True):
     "DPO loss and reward margin per step; saved as `preference/loss.png`."
     from matplotlib.figure import Figure
-    history = read_history(preference_dir(run_dir) / "metrics.jsonl")
+    history = read_metrics(preference_dir(run_dir))
     rows = [r for r in history if "loss" in r and "rewards/margins" in r]
     fig = Figure(figsize=(8, 3.2), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
@@ -302,63 +294,41 @@ def plot_preference(run_dir: str | Path, save: bool = True):
         fig.savefig(preference_dir(run_dir) / "loss.png", dpi=120)
     return fig
 
-def _save_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-
 def run_preference(cfg: Config, run_dir: str | Path, sft_artifact: str | Path | None = None,
                    resume: bool = False) -> TrainResult:
     "Train a LoRA adapter with DPO on the run's preference pairs (continuing `sft_artifact` if given); verified artifact."
     run_dir = Path(run_dir)
     out = preference_dir(run_dir)
-    check_hardware(cfg)
     if sft_artifact is not None:
         cfg = with_artifact_lora(cfg, sft_artifact)
-    seed_everything(cfg.seed, cfg.train.deterministic)
-    state = distributed_state(cfg)
+    prepare_training(cfg)
+    skeleton = TrainingSkeleton(run_dir, out, summary_name="summary.json", what="DPO", cfg=cfg)
     model, tokenizer, source = load_base_model(cfg)
     model = (load_verified_adapter(sft_artifact, model, is_trainable=True) if sft_artifact is not None
              else attach_lora(model, cfg))
-    with state.main_process_first():
+    with skeleton.main_process_first():
         prepared = (load_prepared_pairs(run_dir) if (out / "pairs.jsonl").exists()
                     else prepare_pairs(cfg, run_dir, tokenizer, model))
-
-    trainable = check_only_adapter_trainable(model)
-    before = base_checksums(model)
-    if state.is_main_process:
-        _save_json(out / "baseline_checksums.json", before)
+    skeleton.start(model)
     trainer = build_dpo_trainer(model, tokenizer, pairs_dataset(prepared.pairs), dpo_settings(cfg, run_dir),
                                 callbacks=[metrics_callback(out / "metrics.jsonl")])
     start = time.time()
     trainer.train(resume_from_checkpoint=latest_checkpoint(out) if resume else None)
     wall = time.time() - start
-
-    after = base_checksums(model)
-    changed = compare_checksums(before, after)
     if REF_ADAPTER in model.peft_config:
         model.delete_adapter(REF_ADAPTER)
-    verification = {"base_tensors_checked": len(before), "base_tensors_changed": changed,
-                    "base_checksums_sha256": digest_of(before),
-                    **{k: v for k, v in trainable.items() if k != "non_adapter_trainable"}}
-    if changed:
-        raise BaseModifiedError(f"{len(changed)} base tensor(s) changed during DPO:\n  " + "\n  ".join(changed[:20]))
-    summary_path = out / "summary.json"
-    if trainer.accelerator.is_main_process:
-        metrics = preference_metrics(read_history(out / "metrics.jsonl"), wall)
-        metrics["pairs"] = prepared.stats.get("pairs", len(prepared.pairs))
-        plot_preference(run_dir)
-        extra = {"stage": "preference", "method": "dpo",
-                 "dpo": {"beta": cfg.preference.beta, "loss_type": cfg.preference.loss_type,
-                         "sft_weight": cfg.preference.sft_weight},
-                 "continued_from": artifact_reference(sft_artifact) if sft_artifact is not None else None,
-                 "base_checksums_sha256": verification["base_checksums_sha256"],
-                 "trainable_parameters": {k: trainable[k] for k in ("trainable", "total", "percent")}}
-        artifact = write_artifact(run_dir, model, cfg, metrics=metrics, base=source, data_files=prepared.files, extra=extra)
-        verification["artifact"] = str(artifact)
-        verification["artifact_problems"] = verify_artifact(artifact, source.location if source.local else None)
-        _save_json(summary_path, {"run_dir": str(run_dir), "artifact": str(artifact), "metrics": metrics,
-                                  "verification": verification, "continued_from": extra["continued_from"]})
-    trainer.accelerator.wait_for_everyone()
-    return TrainResult(json.loads(summary_path.read_text()), model, tokenizer)
+
+    def metrics() -> dict:
+        m = preference_metrics(read_metrics(out), wall)
+        m["pairs"] = prepared.stats.get("pairs", len(prepared.pairs))
+        return m
+    continued = artifact_reference(sft_artifact) if sft_artifact is not None else None
+    extra = {"stage": "preference", "method": "dpo",
+             "dpo": {"beta": cfg.preference.beta, "loss_type": cfg.preference.loss_type, "sft_weight": cfg.preference.sft_weight},
+             "continued_from": continued}
+    summary = skeleton.finish(model, cfg, source=source, metrics=metrics, data_files=prepared.files, extra=extra,
+                              summary={"continued_from": continued}, plot=lambda: plot_preference(run_dir))
+    return TrainResult(summary, model, tokenizer)
 
 def preference_stage(cfg: Config, run_dir: str | Path, sft_artifact: str | Path | None = None, resume: bool = False) -> dict:
     "`run_preference`, returning only the summary."
@@ -394,7 +364,7 @@ def compare_on_eval(cfg: Config, artifacts: Mapping[str, str | Path], out_dir: s
         out_dir.mkdir(parents=True, exist_ok=True)
         for n in names:
             write_jsonl(out_dir / f"predictions_{n}.jsonl", records[n])
-        _save_json(out_dir / "report.json", report)
+        write_json(out_dir / "report.json", report)
         (out_dir / "report.md").write_text(comparison_markdown(report) + "\n")
     return report
 
@@ -402,9 +372,7 @@ def comparison_markdown(report: dict) -> str:
     "One row per metric: each model's value, then each comparison's Δ with its 95% CI and verdict."
     names, comps = report["models"], report["comparisons"]
     first = next(iter(comps.values()))
-    lines = [f"Eval set `{report['eval_set']}`, {report['n_examples']} examples; Δ = paired bootstrap, 95% CI.", "",
-             "| metric | " + " | ".join(names) + " | " + " | ".join(f"Δ {k.replace('->', ' → ')}" for k in comps) + " |",
-             "|---" * (1 + len(names) + len(comps)) + "|"]
+    rows = []
     for metric in first:
         values = {}
         for key, comp in comps.items():
@@ -413,9 +381,10 @@ def comparison_markdown(report: dict) -> str:
         deltas = [f"{c[metric]['delta']:+.3g} [{c[metric]['ci95'][0]:+.3g}, {c[metric]['ci95'][1]:+.3g}] "
                   f"{'✓' if c[metric]['verdict'] == 'adapter better' else '✗' if c[metric]['verdict'] == 'adapter worse' else '~'}"
                   for c in comps.values()]
-        lines.append(f"| {metric} | " + " | ".join(f"{values[n]:.4g}" for n in names) + " | " + " | ".join(deltas) + " |")
-    lines += ["", "✓ the later model is better (CI excludes 0), ✗ worse, ~ the eval set cannot tell."]
-    return "\n".join(lines)
+        rows.append([metric, *(f"{values[n]:.4g}" for n in names), *deltas])
+    table = markdown_table(["metric", *names, *(f"Δ {k.replace('->', ' → ')}" for k in comps)], rows)
+    return (f"Eval set `{report['eval_set']}`, {report['n_examples']} examples; Δ = paired bootstrap, 95% CI.\n\n"
+            f"{table}\n\n✓ the later model is better (CI excludes 0), ✗ worse, ~ the eval set cannot tell.")
 
 def evaluate_preference(cfg: Config, run_dir: str | Path, dpo_artifact: str | Path,
                         sft_artifact: str | Path | None = None) -> dict:
@@ -434,8 +403,8 @@ def examples_markdown(report: dict) -> str:
     from adapterlab.eval import table_cell
     lines = []
     for n, ex in enumerate(report["examples"], 1):
-        lines += [f"**Example {n}:** {table_cell(ex['prompt'])}", "", "| | answer |", "|---|---|",
-                  *(f"| {k} | {table_cell(str(v))} |" for k, v in ex.items() if k != "prompt"), ""]
+        lines += [f"**Example {n}:** {table_cell(ex['prompt'])}", "",
+                  markdown_table(["", "answer"], [(k, table_cell(str(v))) for k, v in ex.items() if k != "prompt"]), ""]
     return "\n".join(lines)
 
 
@@ -450,7 +419,6 @@ def _cfg_args(p) -> None:
 
 def _cmd_preference(args) -> int:
     from adapterlab.config import open_run
-    from adapterlab.train import verification_table
     cfg, run_dir = open_run(args.experiment, args.hw, args.set, args.run_dir)
     sft = find_sft_artifact(run_dir, args.sft_artifact)
     summary = preference_stage(cfg, run_dir, sft, resume=args.resume)

@@ -224,7 +224,7 @@ def start_training(experiment: str | None = None, hw: str = "cpu", overrides: li
         run_cfg, origin = training_config(experiment, hw, overrides, snapshot)
         save_config(run_cfg, run_dir, origin)
         log = run_dir / "queue_train.log"
-        _write_status(run_dir, "starting", queue=str(path), records=n, snapshot_sha256=hashlib.sha256(data).hexdigest())
+        _write_worker_status(run_dir, "starting", queue=str(path), records=n, snapshot_sha256=hashlib.sha256(data).hexdigest())
         env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
                "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1"),
                "ADAPTERLAB_HOME": str(project_root()), "PYTHONUNBUFFERED": "1"}
@@ -232,13 +232,13 @@ def start_training(experiment: str | None = None, hw: str = "cpu", overrides: li
             proc = subprocess.Popen([sys.executable, "-c", WORKER_CODE, str(run_dir), str(path)], stdout=logf,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=project_root(), env=env,
                                     start_new_session=True)
-        _write_status(run_dir, "starting", pid=proc.pid)
+        _write_worker_status(run_dir, "starting", pid=proc.pid)
         marker = marker_path(path)
         marker.write_text(json.dumps({"pid": proc.pid, "run_dir": str(run_dir), "records": n,
                                       "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
     return {"run_dir": run_dir, "pid": proc.pid, "log": log, "records": n, "process": proc}
 
-def _write_status(run_dir: Path, state: str, **info) -> None:
+def _write_worker_status(run_dir: Path, state: str, **info) -> None:
     status = run_dir / "queue_train.json"
     old = json.loads(status.read_text()) if status.exists() else {}
     old.update(info, state=state, updated_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -249,30 +249,28 @@ def training_status(run_dir: str | Path) -> dict:
     return json.loads((Path(run_dir) / "queue_train.json").read_text())
 
 def train_worker(run_dir: str | Path, queue: str | Path) -> int:
-    "The background process: data stage, train stage, verify, archive. Exit 0 only when archived."
+    """The background process: the pipeline's own stages up to training (data → compat → train, the notebooks
+    `adapterlab run` executes) in the queue's run folder, then verify and archive. Exit 0 only when archived."""
     from adapterlab.artifact import verify_artifact
-    from adapterlab.config import load_run_config
-    from adapterlab.data import prepare_data
-    from adapterlab.train import train_stage
+    from adapterlab.pipeline import STAGES, run_pipeline
     run_dir, queue = Path(run_dir), Path(queue)
-    _write_status(run_dir, "running", pid=os.getpid())
+    _write_worker_status(run_dir, "running", pid=os.getpid())
     try:
-        cfg = load_run_config(run_dir)
-        print(f"[queue] data stage on {run_dir / 'queue_snapshot.jsonl'}", flush=True)
-        prepare_data(cfg, run_dir)
-        print("[queue] train stage", flush=True)
-        summary = train_stage(cfg, run_dir)
+        stages = STAGES[:STAGES.index("train") + 1]
+        print(f"[queue] {' → '.join(stages)} on {run_dir / 'queue_snapshot.jsonl'}, as `adapterlab run`", flush=True)
+        run_pipeline(resume=run_dir, stages=stages, echo=lambda line: print(f"[queue] {line}", flush=True))
+        summary = json.loads((run_dir / "train_summary.json").read_text())
         artifact = Path(summary["artifact"])
         problems = list(summary.get("verification", {}).get("artifact_problems", [])) + verify_artifact(artifact)
         if problems:
             raise QueueError(f"{artifact}: artifact failed verification; queue left as it is:\n  " + "\n  ".join(problems))
         archived = archive_consumed(queue, run_dir / "queue_snapshot.jsonl")
         print(f"[queue] artifact {artifact} verified; consumed records archived to {archived}", flush=True)
-        _write_status(run_dir, "succeeded", artifact=str(artifact), archive=str(archived))
+        _write_worker_status(run_dir, "succeeded", artifact=str(artifact), archive=str(archived))
         return 0
     except BaseException as e:
         traceback.print_exc()
-        _write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+        _write_worker_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         return 1
     finally:
         _release_marker(queue, os.getpid())
@@ -307,7 +305,7 @@ def wait_for_training(run_dir: str | Path, timeout: float, poll: float = 0.5) ->
 
 # %% ../../nbs/04_queue.ipynb #81ec9ae2
 def _cfg_args(p) -> None:
-    p.add_argument("--experiment", default=None, help="experiment to train with (default: the project default)")
+    p.add_argument("-f", "--experiment", default="json_contacts", help="experiment name or YAML path")
     p.add_argument("--hw", default="cpu", help="hardware profile")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="parameter override")
 

@@ -26,24 +26,42 @@ from torch import nn
 
 from . import heads as H
 from .config import Config
+from .skeleton import markdown_table, write_json
 
 # %% auto #0
-__all__ = ['EXTERNAL_GUARDS', 'LOG_HIDDEN_SIZE', 'REGISTRY', 'CheckInputs', 'check_inputs', 'RegressionCheck', 'all_guards',
-           'guard_removed', 'naive_000', 'guarded_000', 'naive_16', 'guarded_16', 'naive_17', 'guarded_17', 'naive_18',
-           'guarded_18', 'naive_19', 'guarded_19', 'naive_20', 'guarded_20', 'get_check', 'CheckResult', 'run_check',
-           'run_registry', 'results_table', 'results_json', 'RegressionFailure', 'failures', 'regression_stage',
-           'open_regressions_run', 'add_cli']
+__all__ = ['EXTERNAL_GUARDS', 'LOG_HIDDEN_SIZE', 'REGISTRY', 'CheckInputs', 'is_heads_experiment', 'check_inputs', 'run_inputs',
+           'RegressionCheck', 'all_guards', 'guard_removed', 'naive_000', 'guarded_000', 'naive_16', 'guarded_16',
+           'naive_17', 'guarded_17', 'naive_18', 'guarded_18', 'naive_19', 'guarded_19', 'naive_20', 'guarded_20',
+           'get_check', 'CheckResult', 'run_check', 'run_registry', 'results_table', 'results_json',
+           'RegressionFailure', 'failures', 'applicable', 'regression_stage', 'open_regressions_run', 'add_cli']
 
 # %% ../../nbs/08_regressions.ipynb #10aa01c2
 @dataclass
 class CheckInputs:
-    "Real models and records the checks run on, loaded lazily and handed out as fresh copies."
+    """Real models and records the checks run on, loaded lazily and handed out as fresh copies. `cfg` is the
+    experiment's config; `heads` its heads (None for a causal-LM experiment); `lm_cfg` the causal LM's config the TRL
+    check uses (the experiment's own for a causal-LM experiment; None: no TRL check)."""
     cfg: Config
-    heads: H.HeadsConfig
+    heads: H.HeadsConfig | None
     origin: dict
-    lm_experiment: str
+    lm_experiment: str | None
     hw: str
+    lm_cfg: Config | None = None
     _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def kinds(self) -> set[str]:
+        "The kinds of model these inputs hold: `encoder` (with heads) and/or `causal_lm`."
+        return ({"encoder"} if self.heads is not None else set()) | ({"causal_lm"} if self.lm_cfg is not None else set())
+
+    def describe(self) -> str:
+        "Which model (and experiment) each kind of check runs on."
+        out = []
+        if self.heads is not None:
+            out.append(f"encoder + heads: `{self.cfg.model.base_model}` (experiment `{self.cfg.experiment}`)")
+        if self.lm_cfg is not None:
+            out.append(f"causal LM: `{self.lm_cfg.model.base_model}` (experiment `{self.lm_cfg.experiment}`)")
+        return "; ".join(out)
 
     def _encoder_and_tokenizer(self):
         if "encoder" not in self._cache:
@@ -69,21 +87,50 @@ class CheckInputs:
     def tokens(self, texts: list[str]) -> dict:
         return dict(self.tokenizer(texts, return_tensors="pt", padding=True))
 
+    def lm_texts(self) -> list[str]:
+        "One batch of text for the TRL check: the heads records' text, else the causal-LM experiment's own examples."
+        if self.heads is not None:
+            return [rec[self.heads.text_field] for _, rec in self.records]
+        from adapterlab.data import load_examples
+        examples = load_examples(self.lm_cfg.data.train, system_prompt=self.lm_cfg.data.system_prompt)
+        return ["\n".join(m["content"] for m in ex.messages) for ex in examples[:self.lm_cfg.hw.batch_size]]
+
     def causal_lm(self):
-        "The causal LM of `lm_experiment` (the embedded SmolLM2 by default) and its tokenizer, loaded once."
+        "The causal LM of `lm_cfg` and its tokenizer, loaded once."
+        if self.lm_cfg is None:
+            raise ValueError(f"experiment {self.cfg.experiment!r} has no causal LM; give an lm_experiment")
         if "lm" not in self._cache:
-            from adapterlab.config import resolve_config
             from adapterlab.models import load_base_model
-            lm_cfg, _ = resolve_config(self.lm_experiment, self.hw)
-            model, tok, _ = load_base_model(lm_cfg)
-            self._cache["lm"] = (model, tok, lm_cfg)
+            model, tok, _ = load_base_model(self.lm_cfg)
+            self._cache["lm"] = (model, tok, self.lm_cfg)
         return self._cache["lm"]
 
+def is_heads_experiment(experiment: str | Path) -> bool:
+    "Does the experiment describe encoder heads (a `heads:` section)?"
+    from adapterlab.config import find_params_file, load_layer
+    return "heads" in load_layer(find_params_file("experiments", experiment)).values
+
 def check_inputs(experiment: str = "minilm_heads", hw: str = "cpu", overrides: list[str] | None = None,
-                 lm_experiment: str = "ci") -> CheckInputs:
-    "Inputs for the registry: a heads experiment (MiniLM + the heads sample) and a causal-LM experiment for TRL."
-    cfg, heads, origin = H.resolve_heads_config(experiment, hw, overrides)
-    return CheckInputs(cfg, heads, origin, lm_experiment, hw)
+                 lm_experiment: str | None = "ci") -> CheckInputs:
+    """Inputs for the registry from an experiment: a heads experiment gives the encoder checks its encoder and
+    records (and the TRL check `lm_experiment`'s causal LM, if given); a causal-LM experiment gives the TRL check
+    its own model and data."""
+    from adapterlab.config import resolve_config
+    if is_heads_experiment(experiment):
+        cfg, heads, origin = H.resolve_heads_config(experiment, hw, overrides)
+        lm_cfg = resolve_config(lm_experiment, hw)[0] if lm_experiment else None
+        return CheckInputs(cfg, heads, origin, lm_experiment, hw, lm_cfg)
+    cfg, origin = resolve_config(experiment, hw, overrides)
+    return CheckInputs(cfg, None, origin, cfg.experiment, hw, cfg)
+
+def run_inputs(run_dir: str | Path, lm_experiment: str | None = None) -> CheckInputs:
+    "Inputs from a run folder's own parameter snapshots: the run's model is what the checks run on."
+    from adapterlab.config import load_run_config, resolve_config
+    cfg, run_dir = load_run_config(run_dir), Path(run_dir)
+    if (run_dir / "heads.yaml").exists():
+        lm_cfg = resolve_config(lm_experiment, cfg.hw.name)[0] if lm_experiment else None
+        return CheckInputs(cfg, H.load_heads_config(run_dir), {}, lm_experiment, cfg.hw.name, lm_cfg)
+    return CheckInputs(cfg, None, {}, cfg.experiment, cfg.hw.name, cfg)
 
 # %% ../../nbs/08_regressions.ipynb #6ed4e62e
 @dataclass(frozen=True)
@@ -98,6 +145,7 @@ class RegressionCheck:
     naive: Callable[[CheckInputs], Any]      # the naive configuration; expected to raise
     adapterlab: Callable[[CheckInputs], str] # adapterlab on the same inputs; returns the evidence it worked
     guards: tuple[str, ...]        # qualified names of the guard functions that make `adapterlab` work
+    needs: str = "encoder"          # the kind of model it runs on: `encoder` (with heads) or `causal_lm`
 
     def reproduce(self, inputs: CheckInputs) -> BaseException | None:
         "Run the naive configuration; the exception it raised, or None."
@@ -150,7 +198,7 @@ def guard_removed(qualified_name: str):
 # %% ../../nbs/08_regressions.ipynb #dc4361b6
 def _lm_dataset(inputs: CheckInputs):
     from datasets import Dataset
-    return Dataset.from_list([{"text": rec[inputs.heads.text_field]} for _, rec in inputs.records])
+    return Dataset.from_list([{"text": t} for t in inputs.lm_texts()])
 
 def naive_000(inputs: CheckInputs):
     from trl import SFTTrainer
@@ -317,7 +365,7 @@ REGISTRY: tuple[RegressionCheck, ...] = (
         "sft-kwargs", "000 (TRL ADR)", "SFTTrainer keyword names of older TRL",
         "TypeError: SFTTrainer.__init__() got an unexpected keyword argument", TypeError,
         r"SFTTrainer\.__init__\(\) got an unexpected keyword argument '(tokenizer|max_seq_length)'",
-        naive_000, guarded_000, ("adapterlab.compat.place_settings",)),
+        naive_000, guarded_000, ("adapterlab.compat.place_settings",), needs="causal_lm"),
     RegressionCheck(
         "lora-task-type", "001 Fix #16", "LoRA task_type wrapper on the model that receives the batch",
         "TypeError: DebertaV2Model.forward() got an unexpected keyword argument 'labels'", TypeError,
@@ -411,15 +459,15 @@ def _cell(text: str, limit: int = 220) -> str:
 def results_table(results: list[CheckResult]) -> str:
     "Markdown: check, original error, reproduced?, guarded?, fails without its guard?, and the evidence."
     yes = lambda ok: "✅ yes" if ok else "❌ NO"
-    lines = ["| check | seed | original error | reproduced? (today's error) | guarded? (evidence) | fails without its guard? |",
-             "|---|---|---|---|---|---|"]
+    rows = []
     for r in results:
         needed = ("—" if r.guards_needed is None else
                   "; ".join(f"{yes(v['failed'])} `{g.rsplit('.', 1)[1]}` removed → {_cell(v['error'], 120) or 'still passed'}"
                             for g, v in r.without_guard.items()))
-        lines.append(f"| {r.id} | {r.seed} | `{_cell(r.original_error, 120)}` | {yes(r.reproduced)} "
-                     f"`{_cell(r.reproduced_error, 160)}` | {yes(r.guarded)} {_cell(r.guarded_evidence)} | {needed} |")
-    return "\n".join(lines)
+        rows.append((r.id, r.seed, f"`{_cell(r.original_error, 120)}`", f"{yes(r.reproduced)} `{_cell(r.reproduced_error, 160)}`",
+                     f"{yes(r.guarded)} {_cell(r.guarded_evidence)}", needed))
+    return markdown_table(["check", "seed", "original error", "reproduced? (today's error)", "guarded? (evidence)",
+                           "fails without its guard?"], rows)
 
 def results_json(results: list[CheckResult]) -> list[dict]:
     return [{**{k: v for k, v in vars(r).items()}, "guards_needed": r.guards_needed, "ok": r.ok} for r in results]
@@ -442,14 +490,25 @@ def failures(results: list[CheckResult]) -> list[str]:
     return out
 
 # %% ../../nbs/08_regressions.ipynb #31660b6b
+def applicable(checks: tuple[RegressionCheck, ...], inputs: CheckInputs) -> tuple[RegressionCheck, ...]:
+    "The checks whose kind of model the inputs hold."
+    return tuple(c for c in checks if c.needs in inputs.kinds)
+
 def regression_stage(run_dir: str | Path, inputs: CheckInputs, prove_guards: bool = True,
-                     checks: tuple[RegressionCheck, ...] = REGISTRY) -> list[CheckResult]:
-    "Run the registry, write the table into `run_dir/regressions/`, raise `RegressionFailure` if anything broke."
-    results = run_registry(inputs, checks, prove_guards)
+                     checks: tuple[RegressionCheck, ...] | None = None) -> list[CheckResult]:
+    """Run the registry's checks that apply to the inputs' models (or `checks`), write the table into
+    `run_dir/regressions/`, raise `RegressionFailure` if anything broke."""
+    chosen = applicable(REGISTRY, inputs) if checks is None else checks
+    skipped = [c for c in REGISTRY if checks is None and c not in chosen]
+    results = run_registry(inputs, chosen, prove_guards)
     out = Path(run_dir) / "regressions"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text("# Fix-regression checks\n\n" + results_table(results) + "\n", encoding="utf-8")
-    (out / "table.json").write_text(json.dumps(results_json(results), indent=2) + "\n", encoding="utf-8")
+    head = f"Checks run on {inputs.describe()}."
+    if skipped:
+        head += (f" Not run here (this experiment has no {' or '.join(sorted({c.needs for c in skipped}))} model): "
+                 + ", ".join(c.id for c in skipped) + ".")
+    (out / "table.md").write_text(f"# Fix-regression checks\n\n{head}\n\n" + results_table(results) + "\n", encoding="utf-8")
+    write_json(out / "table.json", results_json(results))
     if broken := failures(results):
         raise RegressionFailure(f"{len(broken)} regression promise(s) broken (see {out / 'table.md'}):\n  "
                                 + "\n  ".join(broken))
@@ -457,22 +516,26 @@ def regression_stage(run_dir: str | Path, inputs: CheckInputs, prove_guards: boo
 
 # %% ../../nbs/08_regressions.ipynb #52f5a252
 def open_regressions_run(experiment: str = "minilm_heads", hw: str = "cpu", overrides: list[str] | None = None,
-                         run_dir: str | Path | None = None, lm_experiment: str = "ci") -> tuple[CheckInputs, Path]:
-    "The checks' inputs, and the run folder their table goes to."
+                         run_dir: str | Path | None = None, lm_experiment: str | None = None) -> tuple[CheckInputs, Path]:
+    "The checks' inputs (a run folder's own, when it has parameter snapshots), and the run folder their table goes to."
     from adapterlab.config import make_run_dir, save_config
+    if run_dir is not None and (Path(run_dir) / "params.yaml").exists():
+        return run_inputs(run_dir, lm_experiment), Path(run_dir)
     inputs = check_inputs(experiment, hw, overrides, lm_experiment)
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         return inputs, Path(run_dir)
     run_dir = make_run_dir(inputs.cfg)
     save_config(inputs.cfg, run_dir, inputs.origin)
-    H.save_heads_config(inputs.heads, run_dir)
+    if inputs.heads is not None:
+        H.save_heads_config(inputs.heads, run_dir)
     return inputs, run_dir
 
 # %% ../../nbs/08_regressions.ipynb #459ea43b
 def _cmd_regressions(args) -> int:
-    inputs, run_dir = open_regressions_run(args.experiment, args.hw, args.override, args.run_dir, args.lm_experiment)
-    checks = tuple(get_check(i) for i in args.check) if args.check else REGISTRY
+    inputs, run_dir = open_regressions_run(args.experiment, args.hw, args.set, args.run_dir, args.lm_experiment)
+    print(f"checks run on {inputs.describe()}")
+    checks = tuple(get_check(i) for i in args.check) if args.check else None
     try:
         results = regression_stage(run_dir, inputs, not args.no_guard_proof, checks)
     except RegressionFailure as e:
@@ -483,12 +546,16 @@ def _cmd_regressions(args) -> int:
     return 0
 
 def add_cli(subparsers) -> None:
+    import argparse
     p = subparsers.add_parser("regressions", help="reproduce every historical pipeline bug and show it is guarded")
-    p.add_argument("--experiment", default="minilm_heads", help="heads experiment whose model and records the checks use")
+    p.add_argument("-f", "--experiment", default="minilm_heads",
+                   help="experiment whose model the checks run on: a heads experiment (encoder checks) or a causal-LM one (TRL check)")
     p.add_argument("--hw", default="cpu")
-    p.add_argument("--lm-experiment", default="ci", help="experiment whose causal LM the TRL check builds a trainer for")
-    p.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--run-dir", default=None, help="write regressions/ here (default: a new run folder)")
+    p.add_argument("--lm-experiment", default=None,
+                   help="with a heads experiment, also run the TRL check on this experiment's causal LM")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter (repeatable)")
+    p.add_argument("--override", action="append", dest="set", help=argparse.SUPPRESS)  # deprecated spelling of --set
+    p.add_argument("--run-dir", default=None, help="a run folder: its own parameters and model (default: a new run folder)")
     p.add_argument("--check", action="append", default=[], help="run only this check id (repeatable)")
     p.add_argument("--no-guard-proof", action="store_true", help="skip re-running each check with its guard removed")
     p.set_defaults(func=_cmd_regressions)

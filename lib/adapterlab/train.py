@@ -12,29 +12,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifact import (base_checksums, check_only_adapter_trainable, compare_checksums, digest_of,
-                                 BaseModifiedError, verify_artifact, write_artifact)
-from .compat import build_sft_trainer
-from .config import Config, ConfigError, check_hardware
+from .compat import build_sft_trainer, sft_settings
+from .config import Config, ConfigError
 from .data import PreparedData, load_prepared, prepare_data, weighted_sampler
-from .models import load_base_model
+from .models import ModelSource, load_base_model
 from .plan import gib
+from .skeleton import (TrainingSkeleton, latest_checkpoint, memory_table, metrics_callback, plot_loss,
+                                 prepare_training, read_metrics, record_memory, seed_everything, summarize_training,
+                                 verification_table, write_json)
+
 
 # %% auto #0
-__all__ = ['seed_everything', 'lora_config', 'attach_lora', 'sft_settings', 'weighted_trainer_class', 'plain_lm_head',
-           'completion_loss', 'completion_logits_trainer_class', 'trainer_class', 'metrics_callback', 'read_metrics',
-           'summarize_training', 'plot_loss', 'latest_checkpoint', 'rewind_metrics', 'TrainResult', 'train_stage',
-           'run_training', 'plan_training', 'record_memory', 'memory_table', 'dry_run_training', 'verification_table',
-           'reload_logits_gap', 'add_cli']
-
-# %% ../../nbs/05_train.ipynb #efe40bbe
-def seed_everything(seed: int, deterministic: bool) -> None:
-    "Seed every RNG the run touches; optionally insist on deterministic algorithms."
-    from transformers import enable_full_determinism, set_seed
-    if deterministic:
-        enable_full_determinism(seed, warn_only=True)
-    else:
-        set_seed(seed)
+__all__ = ['lora_config', 'attach_lora', 'weighted_trainer_class', 'plain_lm_head', 'completion_loss',
+           'completion_logits_trainer_class', 'trainer_class', 'rewind_metrics', 'TrainResult', 'SFTSetup',
+           'setup_training', 'train_stage', 'run_training', 'plan_training', 'dry_run_training', 'reload_logits_gap',
+           'add_cli']
 
 # %% ../../nbs/05_train.ipynb #274a9e7e
 def lora_config(cfg: Config):
@@ -53,24 +45,6 @@ def attach_lora(model, cfg: Config):
             gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg.seed)  # LoRA A is initialised randomly: same seed, same adapter
     return get_peft_model(model, lora_config(cfg))
-
-# %% ../../nbs/05_train.ipynb #6484baf4
-def sft_settings(cfg: Config, run_dir: Path) -> dict:
-    "What we want from the trainer, by canonical name; compat places each on the installed TRL."
-    on_cpu = cfg.hw.device == "cpu"
-    return dict(
-        output_dir=str(run_dir / "checkpoints"), max_length=cfg.hw.max_seq_length, completion_only_loss=True,
-        per_device_train_batch_size=cfg.hw.batch_size, gradient_accumulation_steps=cfg.hw.grad_accum,
-        num_train_epochs=cfg.train.epochs, max_steps=cfg.train.max_steps, learning_rate=cfg.train.learning_rate,
-        lr_scheduler_type=cfg.train.lr_scheduler, warmup_ratio=cfg.train.warmup_ratio,
-        weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm,
-        logging_steps=cfg.train.logging_steps, save_strategy="steps", save_steps=cfg.train.save_steps,
-        save_total_limit=cfg.train.save_total_limit, seed=cfg.seed, data_seed=cfg.seed,
-        full_determinism=cfg.train.deterministic, use_cpu=on_cpu,
-        bf16=not on_cpu and cfg.hw.dtype == "bfloat16", fp16=not on_cpu and cfg.hw.dtype == "float16",
-        gradient_checkpointing=cfg.hw.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, optim=cfg.hw.optimizer,
-        report_to=[], dataloader_num_workers=0, eval_strategy="no", disable_tqdm=False)
 
 # %% ../../nbs/05_train.ipynb #23a40a65
 def weighted_trainer_class():
@@ -153,66 +127,7 @@ def trainer_class(cfg: Config, train_dataset):
         cls = completion_logits_trainer_class(cls)
     return None if cls is SFTTrainer else cls
 
-# %% ../../nbs/05_train.ipynb #c35016e1
-def metrics_callback(path: Path):
-    "A `TrainerCallback` appending each log to a JSONL file."
-    from transformers import TrainerCallback
-
-    class MetricsHistory(TrainerCallback):
-        def __init__(self):
-            self.start = time.time()
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or not state.is_world_process_zero:
-                return
-            row = {"step": state.global_step, "epoch": state.epoch, "time_s": round(time.time() - self.start, 3), **logs}
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-
-    return MetricsHistory()
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    "The run's metrics history."
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(l) for l in open(path, encoding="utf-8")] if path.exists() else []
-
-def summarize_training(history: list[dict], wall_s: float) -> dict:
-    "Final and best loss, tokens seen and throughput."
-    losses = [(r["step"], r["loss"]) for r in history if "loss" in r]
-    tokens = max((r.get("num_tokens", 0) for r in history), default=0)
-    out = {"train_steps": max((r["step"] for r in history), default=0), "train_wall_s": round(wall_s, 1)}
-    if losses:
-        out.update(first_loss=losses[0][1], final_loss=losses[-1][1], best_loss=min(l for _, l in losses),
-                   best_loss_step=min(losses, key=lambda s: s[1])[0])
-    if tokens:
-        out.update(train_tokens=int(tokens), train_tokens_per_s=round(tokens / max(wall_s, 1e-9), 1))
-    return out
-
-# %% ../../nbs/05_train.ipynb #76fc4776
-def plot_loss(run_dir: str | Path, save: bool = True):
-    "Training loss per step (and validation loss when recorded); saved as `loss.png`."
-    import matplotlib
-    import matplotlib.pyplot as plt
-    history = read_metrics(run_dir)
-    steps = [r["step"] for r in history if "loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, [r["loss"] for r in history if "loss" in r], marker="o", ms=3, label="train loss")
-    evals = [r for r in history if "val_loss" in r]
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "s--", label="validation loss")
-    ax.set_xlabel("optimizer step"); ax.set_ylabel("loss (completion tokens)"); ax.set_yscale("log")
-    ax.set_title(Path(run_dir).name, fontsize=9); ax.grid(alpha=0.3); ax.legend()
-    fig.tight_layout()
-    if save:
-        fig.savefig(Path(run_dir) / "loss.png", dpi=120)
-    return fig
-
 # %% ../../nbs/05_train.ipynb #d4496a25
-def latest_checkpoint(run_dir: Path) -> str | None:
-    "The newest complete `checkpoints/checkpoint-N` folder, to resume from."
-    # The Trainer writes `trainer_state.json` last: a folder without it is a checkpoint a kill interrupted.
-    cps = [p for p in (Path(run_dir) / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return str(max(cps, key=lambda p: int(p.name.split("-")[-1]))) if cps else None
-
 def rewind_metrics(run_dir: Path, checkpoint: str | None) -> int:
     "Drop the logged rows a resumed run will log again (those after the checkpoint's step); returns the step kept."
     path = Path(run_dir) / "metrics.jsonl"
@@ -228,19 +143,44 @@ def _logged_row(line: str) -> dict | None:
     except json.JSONDecodeError:
         return None
 
-def _close(fig) -> None:
-    import matplotlib.pyplot as plt
-    plt.close(fig)
-
-def _save_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-
 @dataclass
 class TrainResult:
     "What a training run leaves: the JSON summary, and the live model and tokenizer for further checks."
     summary: dict
     model: object
     tokenizer: object
+
+@dataclass
+class SFTSetup:
+    "A run ready to train: the (fitted) config, its memory plan, model, tokenizer, base source, data, skeleton and trainer."
+    cfg: Config
+    plan: object
+    model: object
+    tokenizer: object
+    source: ModelSource
+    data: PreparedData
+    skeleton: TrainingSkeleton
+    trainer: object
+
+def setup_training(cfg: Config, run_dir: str | Path, plan=False, record: bool = True) -> SFTSetup:
+    """The start of every SFT run, shared by `run_training` and `dry_run_training`: hardware check and seeds, memory
+    plan (`plan`: one already made, or False to make it), model, data, LoRA, the skeleton's freeze check (baseline
+    checksums too when `record`) and the trainer."""
+    run_dir = Path(run_dir)
+    prepare_training(cfg)
+    skeleton = TrainingSkeleton(run_dir, cfg=cfg)
+    if plan is False:
+        cfg, plan = plan_training(cfg, run_dir, write=skeleton.is_main)
+        skeleton.cfg = cfg
+    model, tokenizer, source = load_base_model(cfg)
+    with skeleton.main_process_first():   # the main process prepares the data; the others then read it
+        data = load_prepared(run_dir) if (run_dir / "data" / "train.jsonl").exists() else prepare_data(cfg, run_dir, tokenizer)
+    model = attach_lora(model, cfg)
+    skeleton.start(model, record=record)
+    trainer = build_sft_trainer(model, tokenizer, data.train, sft_settings(cfg, run_dir), eval_dataset=data.val,
+                                callbacks=[metrics_callback(run_dir / "metrics.jsonl")],
+                                trainer_cls=trainer_class(cfg, data.train))
+    return SFTSetup(cfg, plan, model, tokenizer, source, data, skeleton, trainer)
 
 def train_stage(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
     "Train a LoRA adapter as `cfg` says into `run_dir`; returns the summary (artifact path, metrics, verification)."
@@ -250,58 +190,31 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False, plan=Fa
     """`train_stage`, also handing back the trained in-memory model. `plan`: the memory plan already made by
     `plan_training` (with the config it fitted), or False to make it here."""
     run_dir = Path(run_dir)
-    check_hardware(cfg)
-    if plan is False:
-        cfg, plan = plan_training(cfg, run_dir)
-    seed_everything(cfg.seed, cfg.train.deterministic)
-    model, tokenizer, source = load_base_model(cfg)
-    data = load_prepared(run_dir) if (run_dir / "data" / "train.jsonl").exists() else prepare_data(cfg, run_dir, tokenizer)
-
-    model = attach_lora(model, cfg)
-    trainable = check_only_adapter_trainable(model)
-    before = base_checksums(model)
-    _save_json(run_dir / "baseline_checksums.json", before)
-
-    trainer = build_sft_trainer(model, tokenizer, data.train, sft_settings(cfg, run_dir), eval_dataset=data.val,
-                                callbacks=[metrics_callback(run_dir / "metrics.jsonl")],
-                                trainer_cls=trainer_class(cfg, data.train))
-    val_before = trainer.evaluate(metric_key_prefix="val")["val_loss"] if data.val is not None else None
+    s = setup_training(cfg, run_dir, plan)
+    trainer, has_val = s.trainer, s.data.val is not None
+    val_before = trainer.evaluate(metric_key_prefix="val")["val_loss"] if has_val else None
     checkpoint = latest_checkpoint(run_dir) if resume else None
-    if resume:
+    if resume and s.skeleton.is_main:
         print(f"resuming from {checkpoint or 'the start: no complete checkpoint'} (step {rewind_metrics(run_dir, checkpoint)})")
     start = time.time()
     trainer.train(resume_from_checkpoint=checkpoint)
     wall = time.time() - start
-    trainer.save_state()
-    val_after = trainer.evaluate(metric_key_prefix="val")["val_loss"] if data.val is not None else None
+    trainer.save_state()   # the Trainer writes it on the main process only
+    val_after = trainer.evaluate(metric_key_prefix="val")["val_loss"] if has_val else None
 
-    after = base_checksums(model)
-    changed = compare_checksums(before, after)
-    verification = {"base_tensors_checked": len(before), "base_tensors_changed": changed,
-                    "base_checksums_sha256": digest_of(before), **{k: v for k, v in trainable.items() if k != "non_adapter_trainable"}}
-    _save_json(run_dir / "verification.json", verification)
-    if changed:
-        raise BaseModifiedError(f"{len(changed)} base tensor(s) changed during training:\n  " + "\n  ".join(changed[:20]))
-
-    metrics = summarize_training(read_metrics(run_dir), wall)
-    if val_before is not None:
-        metrics.update(val_loss_before=val_before, val_loss_after=val_after)
-    _close(plot_loss(run_dir))  # saved as loss.png; closed so a notebook shows only the plot it asks for
-    artifact = write_artifact(run_dir, model, cfg, metrics=metrics, base=source, data_files=data.files,
-                              extra={"base_checksums_sha256": verification["base_checksums_sha256"],
-                                     "trainable_parameters": {k: trainable[k] for k in ("trainable", "total", "percent")}})
-    verification["artifact"] = str(artifact)
-    verification["artifact_problems"] = verify_artifact(artifact, source.location if source.local else None)
-    _save_json(run_dir / "verification.json", verification)
-    memory = record_memory(plan, cfg, run_dir)
-    summary = {"run_dir": str(run_dir), "artifact": str(artifact), "metrics": metrics, "verification": verification,
-               "memory": memory}
-    _save_json(run_dir / "train_summary.json", summary)
-    return TrainResult(summary, model, tokenizer)
+    def metrics() -> dict:
+        m = summarize_training(read_metrics(run_dir), wall)
+        if val_before is not None:
+            m.update(val_loss_before=val_before, val_loss_after=val_after)
+        return m
+    summary = s.skeleton.finish(s.model, s.cfg, source=s.source, metrics=metrics, data_files=s.data.files, plan=s.plan,
+                                plot=lambda: plot_loss(run_dir))
+    return TrainResult(summary, s.model, s.tokenizer)
 
 # %% ../../nbs/05_train.ipynb #9a11e002
-def plan_training(cfg: Config, run_dir: Path) -> tuple[Config, object]:
-    "`(cfg fitted to the budget, MemoryPlan or None)`; prints the plan and writes `plan.md` and `plan.json`."
+def plan_training(cfg: Config, run_dir: Path, write: bool = True) -> tuple[Config, object]:
+    """`(cfg fitted to the budget, MemoryPlan or None)`; prints the plan and (`write`: the main process) writes
+    `plan.md` and `plan.json`."""
     from adapterlab.plan import plan_for
     run_dir = Path(run_dir)
     try:
@@ -309,71 +222,31 @@ def plan_training(cfg: Config, run_dir: Path) -> tuple[Config, object]:
     except ConfigError as e:
         note = f"No memory plan: the planner cannot read this base model's config offline ({e})."
         print(note)
-        (run_dir / "plan.md").write_text(note + "\n", encoding="utf-8")
+        if write:
+            (run_dir / "plan.md").write_text(note + "\n", encoding="utf-8")
         return cfg, None
     print(plan.table())
-    (run_dir / "plan.md").write_text("Memory plan, made before the model was loaded (`adapterlab plan`):\n\n"
-                                     f"```\n{plan.table()}\n```\n", encoding="utf-8")
-    _save_json(run_dir / "plan.json", plan.to_dict())
+    if write:
+        (run_dir / "plan.md").write_text("Memory plan, made before the model was loaded (`adapterlab plan`):\n\n"
+                                         f"```\n{plan.table()}\n```\n", encoding="utf-8")
+        write_json(run_dir / "plan.json", plan.to_dict())
     return fitted, plan
-
-def record_memory(plan, cfg: Config, run_dir: Path) -> dict:
-    "Planned vs measured peak memory of this process, written to `memory.json`."
-    from adapterlab.plan import measured_peak, plan_vs_measured
-    measured = measured_peak(cfg.hw.device)
-    record = plan_vs_measured(plan, measured) if plan else {"planned_allocated": None, **measured}
-    _save_json(Path(run_dir) / "memory.json", record)
-    return record
-
-def memory_table(memory: dict) -> str:
-    "Markdown: planned vs measured peak memory (GiB)."
-    g = lambda b: f"{gib(b):.3f}" if isinstance(b, (int, float)) else "n/a"
-    rows = [("planned peak allocated (torch)", g(memory.get("planned_allocated"))),
-            ("planned total (with allocator slack and CUDA context)", g(memory.get("planned_total")))]
-    if "max_allocated" in memory:
-        rows += [("measured `torch.cuda.max_memory_allocated`", g(memory["max_allocated"])),
-                 ("measured `torch.cuda.max_memory_reserved`", g(memory["max_reserved"])),
-                 ("plan error (planned / measured allocated − 1)",
-                  f"{memory['error']:+.1%}" if memory.get("error") is not None else "n/a")]
-    else:
-        rows.append(("measured peak RSS of the process (Python and libraries included: not scored)",
-                     g(memory.get("peak_rss"))))
-    return "\n".join([f"| memory on {memory.get('device', '?')} | GiB |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
 # %% ../../nbs/05_train.ipynb #74ffad10
 def dry_run_training(cfg: Config, run_dir: str | Path) -> dict:
-    "Validate the whole training setup without training; writes and returns `dry_run.json`."
+    "Validate the whole training setup without training (`setup_training`, no checksums); writes and returns `dry_run.json`."
     run_dir = Path(run_dir)
-    check_hardware(cfg)
-    cfg, plan = plan_training(cfg, run_dir)
-    seed_everything(cfg.seed, cfg.train.deterministic)
-    model, tokenizer, source = load_base_model(cfg)
-    data = load_prepared(run_dir) if (run_dir / "data" / "train.jsonl").exists() else prepare_data(cfg, run_dir, tokenizer)
-    model = attach_lora(model, cfg)
-    trainable = check_only_adapter_trainable(model)
-    trainer = build_sft_trainer(model, tokenizer, data.train, sft_settings(cfg, run_dir), eval_dataset=data.val,
-                                trainer_cls=trainer_class(cfg, data.train))
-    steps = trainer.args.max_steps if trainer.args.max_steps > 0 else len(trainer.get_train_dataloader()) * trainer.args.num_train_epochs // max(cfg.hw.grad_accum, 1)
-    report = {"dry_run": True, "base_model": source.spec, "train_examples": len(data.train),
-              "val_examples": len(data.val) if data.val is not None else 0, "planned_steps": int(steps),
-              "trainer": type(trainer).__name__, **{k: trainable[k] for k in ("trainable", "total", "percent")},
-              "memory_plan_gib": round(gib(plan.total), 3) if plan else None, "memory_plan_fits": plan.fits if plan else None}
-    _save_json(run_dir / "dry_run.json", report)
+    s = setup_training(cfg, run_dir, record=False)
+    args, trainable = s.trainer.args, s.skeleton.trainable
+    steps = args.max_steps if args.max_steps > 0 else len(s.trainer.get_train_dataloader()) * args.num_train_epochs // max(s.cfg.hw.grad_accum, 1)
+    report = {"dry_run": True, "base_model": s.source.spec, "train_examples": len(s.data.train),
+              "val_examples": len(s.data.val) if s.data.val is not None else 0, "planned_steps": int(steps),
+              "trainer": type(s.trainer).__name__, **{k: trainable[k] for k in ("trainable", "total", "percent")},
+              "memory_plan_gib": round(gib(s.plan.total), 3) if s.plan else None,
+              "memory_plan_fits": s.plan.fits if s.plan else None}
+    if s.skeleton.is_main:
+        write_json(run_dir / "dry_run.json", report)
     return report
-
-# %% ../../nbs/05_train.ipynb #ecebfb88
-def verification_table(summary: dict) -> str:
-    "Markdown table of the run's checks."
-    v = summary["verification"]
-    rows = [("only adapter parameters trainable", True,
-             f"{v['trainable']:,} of {v['total']:,} parameters ({v['percent']}%)"),
-            ("base weights unchanged by training", not v["base_tensors_changed"],
-             f"{v['base_tensors_checked']} tensors hashed before and after"),
-            ("artifact verified", not v["artifact_problems"],
-             "; ".join(v["artifact_problems"]) or "all files present, checksums and tensor shapes match")]
-    lines = ["| check | result | evidence |", "|---|---|---|"]
-    lines += [f"| {c} | {'✅ pass' if ok else '❌ FAIL'} | {ev} |" for c, ok, ev in rows]
-    return "\n".join(lines)
 
 # %% ../../nbs/05_train.ipynb #22b4a330
 def reload_logits_gap(result: TrainResult, texts: list[str] | None = None) -> float:
