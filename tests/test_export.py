@@ -21,8 +21,8 @@ needs_llama = pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-py
 # Not 100%: the adapter GGUF runs on the Q4_1 base GGUF, which llama.cpp multiplies with 8-bit-quantized activations
 # where PyTorch multiplies the dequantized weights in fp32 (and the merged files are rounded to f16 / q8_0), so where
 # two next tokens are nearly tied greedy decoding can go another way. Measured on a ci run's trained adapter, 16 eval
-prompts (issue 18): base GGUF + adapter GGUF 15/16 identical (one answer differs), merged f16 16/16, merged q8_0
-16/16. The floors leave room for two to three flips across seeds and CPUs.
+# prompts (issue 18): base GGUF + adapter GGUF 15/16 identical (one answer differs), merged f16 16/16, merged q8_0
+# 16/16. The floors leave room for two to three flips across seeds and CPUs.
 MIN_AGREEMENT = {"adapter-f32.gguf": 0.8, "merged-f16.gguf": 0.8, "merged-q8_0.gguf": 0.75}
 N_PROMPTS = 16
 
