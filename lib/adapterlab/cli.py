@@ -55,6 +55,8 @@ COMMANDS = {
              ["adapterlab docs build", "adapterlab docs readme --check"]),
     "keys": ("adapterlab.signing", "show the local signing key and the trusted keys, or trust a public key",
              ["adapterlab keys", "adapterlab keys trust colleague.pub --name alice"]),
+    "export": ("adapterlab.export", "export an artifact for other runtimes (gguf: llama.cpp, Ollama, LM Studio)",
+               ["adapterlab export gguf outputs/runs/RUN_ID/artifact", "adapterlab export gguf ARTIFACT --adapter-only --check 16"]),
 }
 
 def _module_exists(name: str) -> bool:

@@ -86,7 +86,8 @@ def convert_gguf(gguf: str | Path, out_dir: str | Path) -> Path:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             # transformers keeps a GGUF quantizer on the model, which blocks training and saving: drop it once.
-            model.hf_quantizer.remove_quantization_config(model)
+            if getattr(model, "hf_quantizer", None) is not None:   # transformers < 5 dequantizes without one
+                model.hf_quantizer.remove_quantization_config(model)
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
             (tmp / "adapterlab_source.json").write_text(json.dumps(

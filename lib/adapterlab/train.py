@@ -97,7 +97,7 @@ def completion_logits_trainer_class(base):
             # TRL's own bookkeeping that this path must keep up: absent in another release, defer to TRL
             bookkeeping = all(hasattr(self, a) for a in ("_metrics", "_total_train_tokens", "accelerator"))
             return (bookkeeping and model.training and not return_outputs and inputs["input_ids"].device.type == "cpu"
-                    and "attention_mask" in inputs and self.args.loss_type == "nll" and self.label_smoother is None
+                    and "attention_mask" in inputs and getattr(self.args, "loss_type", "nll") == "nll" and self.label_smoother is None
                     and self.compute_loss_func is None and not getattr(self, "aux_loss_enabled", False))
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
