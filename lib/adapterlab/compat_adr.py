@@ -23,8 +23,8 @@ from .compat_matrix import default_matrix_dir, refresh_matrix, save_json, write_
 from .skeleton import markdown_table
 
 # %% auto #0
-__all__ = ['SEED_STORY', 'translation_table', 'removed_since', 'probe_other_apis', 'compat_report', 'render_adr', 'compat_stage',
-           'add_cli']
+__all__ = ['SEED_STORY', 'translation_table', 'removed_since', 'probe_other_apis', 'releases_run', 'compat_report', 'render_adr',
+           'compat_stage', 'add_cli']
 
 # %% ../../nbs/23_compat_adr.ipynb #e1d14a01
 def translation_table(kind: str = "sft", surface: ApiSurface | None = None) -> list[dict]:
@@ -71,10 +71,19 @@ def probe_other_apis() -> dict:
                                                      if f.init),
             "peft.LoraConfig": sorted(f.name for f in dataclasses.fields(peft.LoraConfig) if f.init)}
 
+def releases_run(root: Path | None = None) -> list[dict]:
+    """The records `make test` leaves of the TRL releases the ci pipeline actually ran on (`outputs/compat/runs/*.json`:
+    the oldest supported pins in `.venv-oldest`, the newest in the project's venv), oldest TRL first."""
+    from adapterlab.config import project_root
+    folder = Path(root or project_root()) / "outputs" / "compat" / "runs"
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    return sorted((r for r in records if r.get("status") == "done"), key=lambda r: Version(r["packages"]["trl"]))
+
 def compat_report(run_settings: dict | None = None) -> dict:
     "The facts behind the ADR: versions, probe, translation tables, this run's placement, removals and moves."
     report = {"generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "versions": installed_versions(), "kinds": {}, "other_apis": probe_other_apis()}
+              "versions": installed_versions(), "kinds": {}, "other_apis": probe_other_apis(),
+              "releases_run": releases_run()}
     for kind in TRAINERS:
         surface, matrix = probe_surface(kind), load_matrix(kind)
         report["kinds"][kind] = {
@@ -209,6 +218,15 @@ def render_adr(report: dict, run_id: str | None = None) -> str:
           f"release is {'in' if sft['matrix']['installed_in_matrix'] else '**not** in'} it). Releases where a setting "
           "changed place or name:", "", _moves_table(sft["moves"]), "", "DPO:", "", _moves_table(dpo["moves"])]
     L += ["", "The full per-release matrix: `adapterlab compat matrix` writes `outputs/compat/matrix.md`."]
+    L += ["", "### Releases the pipeline has run on", "",
+          "Mapped is not run: the matrix above is read from each release's source. These are the releases the ci "
+          "pipeline (data → compat → train → regressions → eval) ran to the end on, recorded by `make test`, besides "
+          f"this run's own (trl {v['trl']}):", ""]
+    runs = report.get("releases_run") or []
+    L += [markdown_table(["label", "trl", "transformers", "peft", "torch", "run", "finished", "seconds"],
+                         [[r["label"], r["packages"].get("trl"), r["packages"].get("transformers"), r["packages"].get("peft"),
+                           r["packages"].get("torch"), f"`{r['run_id']}`", r.get("finished_utc"), r.get("seconds")]
+                          for r in runs]) if runs else "none recorded in this checkout yet (`make pipeline-oldest`)"]
     return "\n".join(L) + "\n"
 
 # %% ../../nbs/23_compat_adr.ipynb #60b3eec0
