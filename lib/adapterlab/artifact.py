@@ -260,6 +260,9 @@ def _portable_adapter_config(path: Path, base: ModelSource) -> None:
 def _base_tokenizer(base: ModelSource, cfg: Config):
     "The tokenizer training used (with its chat template); None only for a hub base that cannot be loaded here."
     from adapterlab.models import ModelNotFound
+    folder = Path(base.location)
+    if base.local and folder.is_dir() and not any((folder / f).exists() for f in OPTIONAL_FILES if f.startswith(("tokenizer", "vocab"))):
+        return None   # a folder with weights only (no tokenizer to carry)
     try:
         return load_tokenizer(base, cfg, require_template=False)
     except ModelNotFound:

@@ -20,13 +20,14 @@ from .config import Config, ConfigError, HardwareError, resolve_config
 # %% auto #0
 __all__ = ['GIB', 'DTYPE_BYTES', 'LINEAR_NAMES', 'ARCH_PRESETS', 'ARCH_ALIASES', 'QUANT_BLOCK', 'DOUBLE_QUANT_BLOCK',
            'OPTIMIZERS', 'BNB_MIN_8BIT_SIZE', 'BNB_OPT_BLOCK', 'BNB_MIN_PAGED_SIZE', 'FUSED_TOKEN_TILE',
-           'FUSED_VOCAB_TILE', 'COMPONENTS', 'STEADY', 'PHASES', 'LAYER_BACKWARD_PARTS', 'NATIVE_BF16_FLAGS',
-           'BF16_MATMUL_TOLERANCE', 'BF16_MIN_SPEEDUP', 'gib', 'Arch', 'arch_from_config', 'preset_name',
-           'preset_config', 'model_config_for', 'quantized_bytes_per_weight', 'lora_targets', 'lora_params',
-           'lora_tensor_sizes', 'optimizer_state_bytes', 'layer_activation_bytes', 'backward_transient_bytes',
-           'measure_saved_activation_bytes', 'trl_has_fused_head', 'loss_head_bytes', 'MemoryPlan', 'plan_memory',
-           'PlanError', 'fit_plan', 'measured_peak', 'plan_vs_measured', 'QuantizationUnavailable', 'check_4bit',
-           'cpu_flags', 'matmul_gflops', 'bf16_support', 'resolve_dtype', 'with_resolved_dtypes', 'plan_for', 'add_cli']
+           'FUSED_VOCAB_TILE', 'NATIVE_BF16_FLAGS', 'BF16_MATMUL_TOLERANCE', 'BF16_MIN_SPEEDUP', 'COMPONENTS', 'STEADY',
+           'PHASES', 'LAYER_BACKWARD_PARTS', 'gib', 'Arch', 'arch_from_config', 'preset_name', 'preset_config',
+           'model_config_for', 'quantized_bytes_per_weight', 'lora_targets', 'lora_params', 'lora_tensor_sizes',
+           'optimizer_state_bytes', 'layer_activation_bytes', 'backward_transient_bytes',
+           'measure_saved_activation_bytes', 'trl_has_fused_head', 'loss_head_bytes', 'cpu_flags', 'matmul_gflops',
+           'bf16_support', 'resolve_dtype', 'with_resolved_dtypes', 'MemoryPlan', 'plan_memory', 'PlanError',
+           'fit_plan', 'measured_peak', 'plan_vs_measured', 'QuantizationUnavailable', 'check_4bit', 'plan_for',
+           'add_cli']
 
 # %% ../../nbs/10_plan.ipynb #acfd46fe
 GIB = 1 << 30
@@ -280,6 +281,81 @@ def loss_head_bytes(arch: Arch, tokens: int, e: int, fused: bool, on_gpu: bool =
     tile = min(tokens, FUSED_TOKEN_TILE) * min(arch.vocab, FUSED_VOCAB_TILE)
     tile_bytes = e if on_gpu else e + 3 * 4
     return tile * tile_bytes + tokens * arch.hidden * (e + 4) + tokens * 4 * 4
+
+# %% ../../nbs/10_plan.ipynb #a2a58e7a
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")   # /proc/cpuinfo names of native bf16 instructions
+
+def cpu_flags() -> set[str]:
+    "The CPU's feature flags from `/proc/cpuinfo` (empty where there is no such file)."
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(l.split(":", 1)[1].split()) for l in text.splitlines() if l.startswith("flags")), set())
+
+def matmul_gflops(dtype: str = "float32", n: int = 512, repeats: int = 5, device: str = "cpu") -> float:
+    "Best-of-`repeats` GFLOP/s of an `n×n @ n×n` matmul in `dtype` (2·n³ FLOPs), after one warm-up."
+    import time
+    import torch
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(device=device, dtype=getattr(torch, dtype)) for _ in range(2))
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda": torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device == "cuda": torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+@functools.lru_cache(maxsize=None)
+def bf16_support(device: str = "cpu") -> dict:
+    """Does `device` have fast bf16? `{"supported", "reason", ...facts}`: torch's oneDNN check, the CPU's native bf16
+    flags, and a small measured matmul (correct, and at least half as fast as fp32). Measured once per process."""
+    import torch
+    if device == "cuda":
+        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return {"device": "cuda", "supported": ok, "reason": f"torch.cuda.is_bf16_supported() = {ok}"}
+    onednn = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    flags = sorted(cpu_flags() & set(NATIVE_BF16_FLAGS))
+    facts = {"device": "cpu", "onednn_bf16": onednn, "native_bf16_flags": flags}
+    if not onednn or not flags:
+        why = "torch's oneDNN reports no bf16 support" if not onednn else \
+              f"the CPU flags name no native bf16 instruction ({', '.join(NATIVE_BF16_FLAGS)})"
+        return {**facts, "supported": False, "reason": why}
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 256, generator=g), torch.randn(256, 64, generator=g)
+    err = float(((a.bfloat16() @ b.bfloat16()).float() - a @ b).abs().max() / (a @ b).abs().max())
+    # interleaved, best of several: the load on a shared machine slows both alike
+    fp32, bf16 = max(matmul_gflops("float32", 256, 3) for _ in range(3)), max(matmul_gflops("bfloat16", 256, 3) for _ in range(3))
+    facts.update(matmul_rel_error=round(err, 5), gflops_fp32_256=round(fp32, 1), gflops_bf16_256=round(bf16, 1))
+    if err > BF16_MATMUL_TOLERANCE:
+        return {**facts, "supported": False, "reason": f"a bf16 matmul is off by {err:.3g} (relative)"}
+    if bf16 < BF16_MIN_SPEEDUP * fp32:
+        return {**facts, "supported": False, "reason": f"a bf16 matmul measured slower than fp32 ({bf16:.0f} vs {fp32:.0f} GFLOP/s)"}
+    return {**facts, "supported": True,
+            "reason": f"native {'+'.join(flags)}; bf16 matmul {bf16 / fp32:.1f}x fp32 ({bf16:.0f} vs {fp32:.0f} GFLOP/s)"}
+
+BF16_MATMUL_TOLERANCE = 0.02   # bf16 has 8 mantissa bits: a 256-long dot product lands well within 2 %
+# Emulated bf16 (no native instruction) runs several times slower than fp32, native bf16 several times faster; half
+# of fp32's speed is the line, so a busy machine's noise in a 3-ms measurement cannot flip the answer.
+BF16_MIN_SPEEDUP = 0.5
+
+def resolve_dtype(cfg: Config, field: str = "dtype", half_ok: bool = True) -> str:
+    """The concrete dtype name of `cfg.hw.<field>`: itself, or for `auto` bf16 where `bf16_support` says the device
+    has it (float32 elsewhere, and wherever the caller needs full precision: `half_ok=False`)."""
+    value = getattr(cfg.hw, field)
+    if value != "auto":
+        return value
+    return "bfloat16" if half_ok and bf16_support(cfg.hw.device)["supported"] else "float32"
+
+def with_resolved_dtypes(cfg: Config) -> Config:
+    "A copy of `cfg` whose `hw.dtype` and `hw.compute_dtype` are concrete: what a run records and reloads with."
+    import dataclasses
+    hw = dataclasses.replace(cfg.hw, dtype=resolve_dtype(cfg), compute_dtype=resolve_dtype(cfg, "compute_dtype"))
+    return dataclasses.replace(cfg, hw=hw)
+
 
 # %% ../../nbs/10_plan.ipynb #70bdcad2
 COMPONENTS = {
@@ -539,81 +615,6 @@ def check_4bit(device: str = "cuda", quant_type: str = "nf4", compute_dtype: str
             f"bitsandbytes {bnb.__version__}: a 4-bit ({quant_type}) matmul on {device} gives wrong results; "
             f"reinstall bitsandbytes for this torch/CUDA, {fallback}.")
     return bnb.__version__
-
-# %% ../../nbs/10_plan.ipynb #a2a58e7a
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")   # /proc/cpuinfo names of native bf16 instructions
-
-def cpu_flags() -> set[str]:
-    "The CPU's feature flags from `/proc/cpuinfo` (empty where there is no such file)."
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return next((set(l.split(":", 1)[1].split()) for l in text.splitlines() if l.startswith("flags")), set())
-
-def matmul_gflops(dtype: str = "float32", n: int = 512, repeats: int = 5, device: str = "cpu") -> float:
-    "Best-of-`repeats` GFLOP/s of an `n×n @ n×n` matmul in `dtype` (2·n³ FLOPs), after one warm-up."
-    import time
-    import torch
-    g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(n, n, generator=g).to(device=device, dtype=getattr(torch, dtype)) for _ in range(2))
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        if device == "cuda": torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if device == "cuda": torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
-
-@functools.lru_cache(maxsize=None)
-def bf16_support(device: str = "cpu") -> dict:
-    """Does `device` have fast bf16? `{"supported", "reason", ...facts}`: torch's oneDNN check, the CPU's native bf16
-    flags, and a small measured matmul (correct, and at least half as fast as fp32). Measured once per process."""
-    import torch
-    if device == "cuda":
-        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return {"device": "cuda", "supported": ok, "reason": f"torch.cuda.is_bf16_supported() = {ok}"}
-    onednn = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    flags = sorted(cpu_flags() & set(NATIVE_BF16_FLAGS))
-    facts = {"device": "cpu", "onednn_bf16": onednn, "native_bf16_flags": flags}
-    if not onednn or not flags:
-        why = "torch's oneDNN reports no bf16 support" if not onednn else \
-              f"the CPU flags name no native bf16 instruction ({', '.join(NATIVE_BF16_FLAGS)})"
-        return {**facts, "supported": False, "reason": why}
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(64, 256, generator=g), torch.randn(256, 64, generator=g)
-    err = float(((a.bfloat16() @ b.bfloat16()).float() - a @ b).abs().max() / (a @ b).abs().max())
-    # interleaved, best of several: the load on a shared machine slows both alike
-    fp32, bf16 = max(matmul_gflops("float32", 256, 3) for _ in range(3)), max(matmul_gflops("bfloat16", 256, 3) for _ in range(3))
-    facts.update(matmul_rel_error=round(err, 5), gflops_fp32_256=round(fp32, 1), gflops_bf16_256=round(bf16, 1))
-    if err > BF16_MATMUL_TOLERANCE:
-        return {**facts, "supported": False, "reason": f"a bf16 matmul is off by {err:.3g} (relative)"}
-    if bf16 < BF16_MIN_SPEEDUP * fp32:
-        return {**facts, "supported": False, "reason": f"a bf16 matmul measured slower than fp32 ({bf16:.0f} vs {fp32:.0f} GFLOP/s)"}
-    return {**facts, "supported": True,
-            "reason": f"native {'+'.join(flags)}; bf16 matmul {bf16 / fp32:.1f}x fp32 ({bf16:.0f} vs {fp32:.0f} GFLOP/s)"}
-
-BF16_MATMUL_TOLERANCE = 0.02   # bf16 has 8 mantissa bits: a 256-long dot product lands well within 2 %
-# Emulated bf16 (no native instruction) runs several times slower than fp32, native bf16 several times faster; half
-# of fp32's speed is the line, so a busy machine's noise in a 3-ms measurement cannot flip the answer.
-BF16_MIN_SPEEDUP = 0.5
-
-def resolve_dtype(cfg: Config, field: str = "dtype", half_ok: bool = True) -> str:
-    """The concrete dtype name of `cfg.hw.<field>`: itself, or for `auto` bf16 where `bf16_support` says the device
-    has it (float32 elsewhere, and wherever the caller needs full precision: `half_ok=False`)."""
-    value = getattr(cfg.hw, field)
-    if value != "auto":
-        return value
-    return "bfloat16" if half_ok and bf16_support(cfg.hw.device)["supported"] else "float32"
-
-def with_resolved_dtypes(cfg: Config) -> Config:
-    "A copy of `cfg` whose `hw.dtype` and `hw.compute_dtype` are concrete: what a run records and reloads with."
-    import dataclasses
-    hw = dataclasses.replace(cfg.hw, dtype=resolve_dtype(cfg), compute_dtype=resolve_dtype(cfg, "compute_dtype"))
-    return dataclasses.replace(cfg, hw=hw)
-
 
 # %% ../../nbs/10_plan.ipynb #e5c0bef3
 def plan_for(cfg: Config, arch: str | None = None, *, fit: bool = False) -> tuple[Config, MemoryPlan]:
