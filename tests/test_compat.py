@@ -115,7 +115,8 @@ def test_every_train_stage_setting_lands_on_the_installed_config(tmp_path):
             if step.given == "report_to":            # transformers normalises the list; checked below
                 continue
             assert getattr(args, step.name) == settings[step.given], step
-        assert args.report_to in ([], "none", ["none"])
+        # what tracking asked for (TensorBoard by default when installed), or nothing
+        assert args.report_to == (settings["report_to"] or ["none"]) or args.report_to in ([], "none", ["none"])
     # warmup_ratio: kept when transformers still has it, otherwise a fraction of warmup_steps
     placed = {s.given: s for s in place_settings({"warmup_ratio": 0.1}, "sft").steps}
     assert placed["warmup_ratio"].name in ("warmup_ratio", "warmup_steps")
