@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import yaml
 
-from adapterlab.artifact import verify_artifact
+from adapterlab.artifact import verify_artifact, verify_run
 from adapterlab.config import ConfigError, open_run, params_dir, project_root, resolve_config
 from adapterlab.models import resolve_model
 
@@ -90,8 +90,9 @@ def test_two_process_cpu_training_writes_one_verified_artifact(tmp_path):
     assert state["global_step"] == 2 and state["train_batch_size"] == 2
     assert round(state["epoch"] * n_train / (2 * 2)) == 2, state["epoch"]
     # one artifact, no half-written or swapped-out copies beside it, and it verifies against the base weights
-    artifacts = sorted(p.name for p in run_dir.iterdir() if "artifact" in p.name)
+    artifacts = sorted(p.name for p in run_dir.iterdir() if "artifact" in p.name and p.name != "artifacts.json")
     assert artifacts == ["artifact"], artifacts
+    assert not verify_run(run_dir)   # its digest, recorded once outside it (artifacts.json), matches
     assert verify_artifact(run_dir / "artifact", resolve_model(cfg.model.base_model).location) == []
     summary = json.loads((run_dir / "train_summary.json").read_text())
     assert summary["verification"]["base_tensors_changed"] == [] and summary["metrics"]["train_steps"] == 2
