@@ -161,24 +161,6 @@ def _stop_kernels() -> None:
         except psutil.Error:
             pass
 
-class _KillStageOnInterrupt:
-    """While a stage runs (main thread only): Ctrl-C kills the stage's kernel at once and is raised as
-    `KeyboardInterrupt` when papermill returns. Left to papermill's event loop, the first Ctrl-C could be swallowed
-    while the kernel sat in a long backward pass, and only a second one stopped the run."""
-    def __enter__(self):
-        self.hit, self.previous = False, None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.hit = True
-        _stop_kernels()
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
 def run_stage(name: str, index: int, run_dir: Path, parameters: dict, progress=None) -> Path:
     """Execute one stage notebook into `run_dir/notebooks/`, its output stream into `progress` (a
     `tracking.StageProgress`: live progress and the stage's log file); raise `StageFailed` as one line: the stage,
@@ -189,15 +171,14 @@ def run_stage(name: str, index: int, run_dir: Path, parameters: dict, progress=N
     out = run_dir / "notebooks" / f"{index:02d}_{name}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
     log = progress.log_path if progress is not None else None
-    stop = _KillStageOnInterrupt()
     try:
-        with stop, tempfile.TemporaryDirectory(prefix="adapterlab-kernel-") as sockets:
+        with tempfile.TemporaryDirectory(prefix="adapterlab-kernel-") as sockets:
             papermill.execute_notebook(str(src), str(out), parameters=parameters, kernel_name="python3",
                                        progress_bar=False, log_output=False, cwd=str(src.parent),
                                        stdout_file=progress, stderr_file=progress,
                                        kernel_manager_class=ipc_kernel_manager(Path(sockets)))
     except PapermillExecutionError as e:
-        if e.ename == "KeyboardInterrupt" or stop.hit:   # Ctrl-C reached the kernel before us, or we killed it
+        if e.ename == "KeyboardInterrupt":   # Ctrl-C reached the kernel before us
             raise KeyboardInterrupt from None
         if log is not None:
             with open(log, "a", encoding="utf-8") as f:
@@ -210,12 +191,8 @@ def run_stage(name: str, index: int, run_dir: Path, parameters: dict, progress=N
         _stop_kernels()   # papermill may not have shut the busy kernel down: it must not go on writing into the run
         raise
     except Exception as e:   # the kernel died (killed, out of memory), or papermill could not start it
-        if stop.hit:         # ... killed by Ctrl-C
-            raise KeyboardInterrupt from None
         raise StageFailed(f"stage '{name}' failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
                           f" (executed notebook: {out})") from None
-    if stop.hit:   # Ctrl-C as the stage finished
-        raise KeyboardInterrupt
     return out
 
 
