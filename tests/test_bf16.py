@@ -34,7 +34,7 @@ def test_detection_agrees_with_the_cpu_and_torch():
     else:   # the measured check decided: a correct bf16 matmul, not much slower than fp32
         assert BF16["supported"] == (BF16["matmul_rel_error"] <= BF16_MATMUL_TOLERANCE
                                      and BF16["gflops_bf16_256"] >= BF16_MIN_SPEEDUP * BF16["gflops_fp32_256"])
-    cfg, _ = resolve_config("ci", "cpu")
+    cfg, _ = resolve_config("ci", "cpu", ["hw.dtype=auto"])
     assert cfg.hw.dtype == "auto"
     assert resolve_dtype(cfg) == ("bfloat16" if BF16["supported"] else "float32")
     assert resolve_dtype(cfg, half_ok=False) == "float32"     # the heads path's full precision
@@ -43,23 +43,23 @@ def test_detection_agrees_with_the_cpu_and_torch():
 
 
 @pytest.fixture(scope="module")
-def fp32_run(tmp_path_factory):
-    "The ci run again with `--set hw.dtype=float32`: the reference the bf16 path must match."
+def bf16_run(tmp_path_factory):
+    "The ci run again with `--set hw.dtype=auto` (bf16 weights here); the cpu profile's fp32 `ci_run` is the reference."
     from adapterlab.config import open_run
     from adapterlab.train import run_training
-    root = tmp_path_factory.mktemp("ci-fp32")
-    cfg, run_dir = open_run("ci", "cpu", [f"output.root={root}", "hw.dtype=float32"])
+    root = tmp_path_factory.mktemp("ci-bf16")
+    cfg, run_dir = open_run("ci", "cpu", [f"output.root={root}", "hw.dtype=auto"])
     return run_training(cfg, run_dir)
 
 
 @pytest.mark.slow
 @needs_bf16
-def test_cpu_profile_trains_bf16_weights_with_fp32_adapter(ci_run):
-    model = ci_run.model
+def test_auto_dtype_trains_bf16_weights_with_fp32_adapter(bf16_run):
+    model = bf16_run.model
     base = {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
     lora = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
     assert base == {torch.bfloat16} and lora == {torch.float32}
-    art = Path(ci_run.summary["artifact"])
+    art = Path(bf16_run.summary["artifact"])
     import yaml
     assert yaml.safe_load((art / "training_config.yaml").read_text())["hw"]["dtype"] == "bfloat16"  # recorded, resolved
     # the saved adapter: fp32 tensors, bit-identical to the trained ones
@@ -73,13 +73,13 @@ def test_cpu_profile_trains_bf16_weights_with_fp32_adapter(ci_run):
 
 @pytest.mark.slow
 @needs_bf16
-def test_bf16_loss_equals_fp32_loss_and_reload_is_exact(ci_run, fp32_run):
+def test_bf16_loss_equals_fp32_loss_and_reload_is_exact(bf16_run, ci_run):
     from adapterlab.train import reload_logits_gap
-    bf, fp = ci_run.summary["metrics"], fp32_run.summary["metrics"]
-    assert {p.dtype for p in fp32_run.model.parameters()} == {torch.float32}
+    bf, fp = bf16_run.summary["metrics"], ci_run.summary["metrics"]
+    assert {p.dtype for p in ci_run.model.parameters()} == {torch.float32}
     assert abs(bf["first_loss"] - fp["first_loss"]) <= FIRST_STEP_RTOL * fp["first_loss"], (bf, fp)
     assert abs(bf["final_loss"] - fp["final_loss"]) <= FINAL_RTOL * fp["final_loss"], (bf, fp)
     assert abs(bf["val_loss_after"] - fp["val_loss_after"]) <= FINAL_RTOL * fp["val_loss_after"], (bf, fp)
     assert bf["final_loss"] < bf["first_loss"]          # and it did learn
     # base + adapter reloaded from the artifact (bf16 base, as recorded) computes the same logits, exactly
-    assert reload_logits_gap(ci_run) == 0.0
+    assert reload_logits_gap(bf16_run) == 0.0

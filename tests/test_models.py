@@ -42,7 +42,7 @@ def test_experiment_model_wins_over_profile_default(tmp_path, tokenizer_dir, cap
         "train": {"max_steps": 2}, "data": {"val_fraction": 0},
         "hw": {"batch_size": 2}, "output": {"root": str(tmp_path / "out")}}))
     cfg, run_dir = open_run(exp, "cpu")       # the CPU profile names embedded SmolLM2 as its default; no --set
-    said = capsys.readouterr().out
+    said = capsys.readouterr().err
     assert cfg.model.base_model == str(folder)
     line = next(l for l in said.splitlines() if l.startswith("model.base_model:"))
     assert f"{folder} from {exp}" in line and "over hw.base_model embedded:smollm2-135m-instruct" in line
@@ -64,9 +64,9 @@ def test_profile_default_and_overrides_say_why(capsys):
     cfg, origin = resolve_config("json_contacts", "8gb")     # names no model: the profile's default applies
     assert cfg.model.base_model == cfg.hw.base_model and "hardware profile's default applies" in origin["model.base_model"]
     cfg, _ = resolve_config("json_contacts", "cpu", ["model.base_model=some/model"])
-    assert cfg.model.base_model == "some/model" and "explicit override" in capsys.readouterr().out
+    assert cfg.model.base_model == "some/model" and "explicit override" in capsys.readouterr().err
     cfg, origin = resolve_config("json_contacts", "cpu")     # profile and defaults agree: nothing to say
-    assert "over" not in origin["model.base_model"] and capsys.readouterr().out == ""
+    assert "over" not in origin["model.base_model"] and capsys.readouterr().err == ""
 
 
 def test_missing_chat_template_is_refused_before_conversion(tmp_path, monkeypatch):

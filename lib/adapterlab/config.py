@@ -12,6 +12,7 @@ import difflib
 import math
 import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -460,7 +461,7 @@ def _resolve(experiment, hw, overrides, injected: dict | None = None) -> tuple[C
     cfg = build_dataclass(Config, merged, origin)
     _check_experiment_name(cfg, exp_layer, origin)
     if note := _choose_base_model(cfg, origin, layers):
-        print(note)
+        print(note, file=sys.stderr)   # a note for the person, not part of a command's output (--json)
     return cfg, origin
 
 # How specific each layer of `_resolve` is about the model (defaults, experiment, papermill's copy of the
