@@ -473,7 +473,8 @@ _MODEL_RANK = ((0, "the defaults apply"), (2, "the experiment names its model; a
 
 def _choose_base_model(cfg: Config, origin: dict, layers: list[Layer]) -> str | None:
     """Settle `model.base_model` against `hw.base_model`: the more specific layer wins (an override, then the
-    experiment, then the profile; on a tie `model.base_model`). Returns the one-line why when they disagree."""
+    experiment, then the profile; on a tie `model.base_model`). Returns the one-line why when a layer more specific
+    than the defaults lost."""
     hw_value, model_value = cfg.hw.base_model, cfg.model.base_model
     if not hw_value or hw_value == model_value:
         return None
@@ -486,6 +487,8 @@ def _choose_base_model(cfg: Config, origin: dict, layers: list[Layer]) -> str | 
         loser, why = f"hw.base_model {hw_value} ({origin['hw.base_model']})", _MODEL_RANK[m][1]
         where = origin["model.base_model"]
     origin["model.base_model"] = f"{where}, over {loser}: {why}"
+    if min(m, h) == 0:   # the profile filled in for the defaults, as profiles do: recorded in origin, nothing to say
+        return None
     return f"model.base_model: {cfg.model.base_model} from {origin['model.base_model']}"
 
 _MISSING = object()
