@@ -18,14 +18,14 @@ import typing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Union
 
 import yaml
 
+from .schema import NAME_PATTERN, Config
+
 # %% auto #0
-__all__ = ['NAME_PATTERN', 'SECTIONS', 'project_root', 'params_dir', 'spec', 'ModelConfig', 'LoraConfig', 'DataConfig',
-           'TrainConfig', 'HwConfig', 'EvalConfig', 'QueueConfig', 'PreferenceConfig', 'TrackingConfig', 'ServeConfig',
-           'OutputConfig', 'Config', 'AdapterlabError', 'ConfigError', 'RunNotFound', 'Layer', 'load_layer',
+__all__ = ['SECTIONS', 'project_root', 'params_dir', 'AdapterlabError', 'ConfigError', 'RunNotFound', 'Layer', 'load_layer',
            'overrides_layer', 'merge_layers', 'build_dataclass', 'find_params_file', 'resolve_config', 'HardwareError',
            'check_hardware', 'redact_secrets', 'config_to_dict', 'config_from_dict', 'runs_root', 'new_run_id',
            'make_run_dir', 'save_config', 'load_run_config', 'quiet_stage_output', 'injected_sections', 'open_run']
@@ -43,162 +43,6 @@ def project_root() -> Path:
 def params_dir() -> Path:
     "The `params/` folder of the project."
     return project_root() / "params"
-
-# %% ../../nbs/00_config.ipynb #26d42b1c
-def spec(doc: str, *, ge: float | None = None, le: float | None = None, gt: float | None = None,
-         lt: float | None = None, choices: tuple | None = None, pattern: str | None = None) -> Any:
-    "A schema field with its meaning and valid range; no default: defaults live in `params/defaults.yaml`."
-    return field(metadata=dict(doc=doc, ge=ge, le=le, gt=gt, lt=lt, choices=choices, pattern=pattern))
-
-# names that become part of a run folder's name: one path component, no leading dot
-NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.\-]*"
-
-@dataclass
-class ModelConfig:
-    base_model: str = spec("`embedded:NAME`, a local folder, a `.gguf` file, or a hub id (online users only)")
-    trust_remote_code: bool = spec("run model code from the hub: never (adapterlab loads safetensors with built-in "
-                                   "architectures only); kept so a config that asks for it is refused, not ignored",
-                                   choices=(False,))
-    chat_template: Optional[str] = spec("chat template for a model that has none: a named one shipped with adapterlab "
-                                        "(chatml, llama3, gemma) or a Jinja file; the model's own template wins")
-
-@dataclass
-class LoraConfig:
-    r: int = spec("LoRA rank", ge=1, le=4096)
-    alpha: float = spec("LoRA scaling numerator (scale = alpha / r)", gt=0)
-    dropout: float = spec("dropout on the LoRA input", ge=0, lt=1)
-    target_modules: Union[list[str], str] = spec("module names to adapt, or `all-linear`")
-    bias: str = spec("which biases train", choices=("none", "all", "lora_only"))
-
-@dataclass
-class DataConfig:
-    train: str = spec("training JSONL: a path (relative to the project) or `sample:NAME`")
-    eval: Optional[str] = spec("held-out eval JSONL with references, same forms as `train`")
-    format: str = spec("record format (see the data module); auto: recognised per record",
-                       choices=("auto", "text", "messages", "sharegpt", "prompt_completion", "preference",
-                                "instruction", "feedback", "alpaca", "openai", "conversational"))
-    val_fraction: float = spec("share of train held out for validation loss", ge=0, lt=1)
-    dedup: bool = spec("drop exact duplicate records")
-    too_long: str = spec("what to do with a record longer than hw.max_seq_length",
-                         choices=("error", "truncate", "drop"))
-    max_reject_fraction: float = spec("stop the run if more than this share of records is rejected", ge=0, le=1)
-    weighted_sampling: bool = spec("draw examples in proportion to their weight")
-    system_prompt: Optional[str] = spec("system message prepended to every conversation that has none")
-    max_weight: float = spec("largest sampling weight a record may have (a bigger one would take most draws)", gt=0)
-    sampler_check_draws: int = spec("draws of the chi-square check of the weighted sampler in the data stats; 0 = skip", ge=0)
-
-@dataclass
-class TrainConfig:
-    epochs: float = spec("passes over the training set", gt=0)
-    max_steps: int = spec("stop after this many optimizer steps; -1 = use epochs", ge=-1)
-    learning_rate: float = spec("peak learning rate", gt=0, lt=1)
-    lr_scheduler: str = spec("learning-rate schedule", choices=("linear", "cosine", "constant", "constant_with_warmup"))
-    warmup_ratio: float = spec("share of steps spent warming up", ge=0, le=1)
-    weight_decay: float = spec("AdamW weight decay", ge=0)
-    max_grad_norm: float = spec("gradient clipping norm", gt=0)
-    logging_steps: int = spec("log loss every N steps", ge=1)
-    save_steps: int = spec("checkpoint every N steps (resume point)", ge=1)
-    save_total_limit: int = spec("checkpoints kept", ge=1)
-    deterministic: bool = spec("use deterministic algorithms (same adapter bytes for the same params on CPU)")
-
-@dataclass
-class HwConfig:
-    name: str = spec("profile name, recorded in provenance and in run folder names", pattern=NAME_PATTERN)
-    device: str = spec("where to train", choices=("cpu", "cuda"))
-    dtype: str = spec("dtype of the unquantized weights; auto = bfloat16 where the device has fast bf16, else float32 "
-                      "(adapterlab.plan.resolve_dtype)", choices=("auto", "float32", "bfloat16", "float16"))
-    quantization: str = spec("base-weight quantization", choices=("none", "nf4", "fp4"))
-    double_quant: bool = spec("quantize the 4-bit quantization constants too (QLoRA)")
-    compute_dtype: str = spec("dtype of 4-bit matmuls; auto as for dtype", choices=("auto", "float32", "bfloat16", "float16"))
-    batch_size: int = spec("micro-batch per device", ge=1)
-    grad_accum: int = spec("micro-batches per optimizer step", ge=1)
-    gradient_checkpointing: bool = spec("recompute activations in backward to save memory")
-    completion_logits_only: bool = spec("on the CPU, project only the trained positions through the LM head: TRL's loss, "
-                                         "less work (adapterlab.train.completion_loss; bench/cpu_vs_trl.py)")
-    optimizer: str = spec("optimizer name as transformers spells it",
-                          choices=("adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "sgd"))
-    max_seq_length: int = spec("tokens per example after the chat template", ge=8)
-    memory_budget_gb: Optional[float] = spec("accelerator memory the plan must fit in; null on CPU", gt=0)
-    base_model: Optional[str] = spec("the model this profile is sized for: the default when neither the experiment nor an override names model.base_model")
-    distributed: str = spec("how `accelerate launch` spreads training over several processes: the launch config params/accelerate/<value>.yaml; none = one process only", choices=("none", "ddp", "zero2", "zero3", "fsdp"))
-    allocator_slack: float = spec("share of the allocated peak the CUDA caching allocator reserves on top of it (fragmentation); memory plan", ge=0, le=1)
-    cuda_overhead_gb: float = spec("GiB taken outside PyTorch's allocator (CUDA context, cuBLAS, kernels); counted against memory_budget_gb", ge=0)
-
-@dataclass
-class EvalConfig:
-    max_new_tokens: int = spec("generation length limit", ge=1)
-    batch_size: int = spec("prompts generated together", ge=1)
-    metrics: list[str] = spec("metrics to report")
-    bootstrap_samples: int = spec("resamples for the 95% confidence interval", ge=100)
-    max_examples: Optional[int] = spec("evaluate on the first N examples only", ge=1)
-    show_examples: int = spec("side-by-side outputs shown in the report", ge=0)
-    json_schema: Optional[str] = spec("JSON schema file the answers must conform to")
-    do_sample: bool = spec("sample instead of greedy decoding")
-    temperature: float = spec("sampling temperature (used only when do_sample)", gt=0)
-
-@dataclass
-class QueueConfig:
-    path: str = spec("feedback queue JSONL")
-    threshold: int = spec("train when this many examples are queued", ge=1)
-    weight_critical: float = spec("weight of a `queue add --critical` example (seed 003: 10)", gt=0)
-    weight_improvement: float = spec("weight of a `queue add --improvement` example (seed 003: 3)", gt=0)
-    weight_good: float = spec("weight of a `queue add --good` example (seed 003: 1)", gt=0)
-
-@dataclass
-class PreferenceConfig:
-    pairs: Optional[str] = spec("preference pairs JSONL (`prompt`, `chosen`, `rejected`): a path or `sample:NAME`; "
-                                "null = only the feedback queue's corrections")
-    from_queue: bool = spec("also turn the feedback queue's critical corrections into pairs (correction = chosen)")
-    beta: float = spec("DPO beta: how strongly the policy is held to the reference model", gt=0)
-    loss_type: str = spec("preference loss as TRL names it",
-                          choices=("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "apo_down"))
-    sft_weight: float = spec("weight of an SFT term (mean NLL of the chosen answers) added to the preference loss, "
-                             "which keeps DPO from lowering the chosen answers' likelihood too (RPO); 0 = pure DPO", ge=0)
-    learning_rate: float = spec("peak learning rate of the preference stage", gt=0, lt=1)
-    epochs: float = spec("passes over the pairs", gt=0)
-    max_steps: int = spec("stop after this many optimizer steps; -1 = use epochs", ge=-1)
-    batch_size: Optional[int] = spec("pairs per micro-batch; null = half of hw.batch_size (a pair is two sequences)", ge=1)
-
-@dataclass
-class TrackingConfig:
-    tensorboard: bool = spec("write TensorBoard event files into the run folder (transformers' `report_to`)")
-    mlflow: bool = spec("log params, per-step metrics, eval metrics and the artifact to one MLflow run per adapterlab "
-                        "run: `$MLFLOW_TRACKING_URI` if set, else a local store under output.root")
-    mlflow_experiment: str = spec("MLflow experiment the runs go to")
-    wandb: bool = spec("also report to Weights & Biases, offline (`WANDB_MODE=offline` unless you set it)")
-    heartbeat_s: float = spec("seconds between a running pipeline's heartbeats in status.json", gt=0)
-    stale_heartbeats: int = spec("heartbeats missed before a `running` run whose pid cannot be checked counts as "
-                                 "interrupted", ge=1)
-    progress_lines: int = spec("when stdout is not a terminal: progress lines per training or eval phase", ge=1)
-
-@dataclass
-class ServeConfig:
-    host: str = spec("address `adapterlab serve` binds; 127.0.0.1 keeps it on this machine")
-    port: int = spec("port of `adapterlab serve`", ge=0, le=65535)
-    max_request_bytes: int = spec("largest request body the server reads (larger: 413)", ge=1)
-    max_tokens: int = spec("largest `max_tokens` a request may ask for (larger: 400)", ge=1)
-    poll_seconds: float = spec("how often chat and serve look at a background training", gt=0)
-
-@dataclass
-class OutputConfig:
-    root: str = spec("where run folders go, relative to the project")
-    overwrite: bool = spec("replace an existing artifact of the same name")
-
-@dataclass
-class Config:
-    experiment: str = spec("experiment name; must match its file name", pattern=NAME_PATTERN)
-    seed: int = spec("seed for data order, LoRA init and sampling", ge=0)
-    model: ModelConfig = spec("base model")
-    lora: LoraConfig = spec("adapter shape")
-    data: DataConfig = spec("datasets")
-    train: TrainConfig = spec("optimisation schedule")
-    hw: HwConfig = spec("hardware profile")
-    eval: EvalConfig = spec("evaluation")
-    queue: QueueConfig = spec("feedback queue")
-    preference: PreferenceConfig = spec("preference tuning (DPO)")
-    tracking: TrackingConfig = spec("live progress, run status, TensorBoard / MLflow / W&B")
-    serve: ServeConfig = spec("`adapterlab serve` and `adapterlab chat`")
-    output: OutputConfig = spec("outputs")
 
 # %% ../../nbs/00_config.ipynb #53cfc6c3
 class AdapterlabError(Exception):

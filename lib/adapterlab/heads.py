@@ -26,8 +26,9 @@ from transformers.utils import ModelOutput
 
 from . import tracking
 from .config import (AdapterlabError, Config, ConfigError, build_dataclass, find_params_file, load_layer, make_run_dir,
-                               merge_layers, overrides_layer, params_dir, save_config, spec)
+                               merge_layers, overrides_layer, params_dir, save_config)
 from .data import write_jsonl
+from .schema import spec
 from .skeleton import (TrainingSkeleton, checks_table, markdown_table, metrics_callback, plot_loss,
                                  prepare_training, read_metrics, summarize_training, verification_rows)
 
