@@ -126,7 +126,7 @@ def load_everything(arm: str, experiment: str = "json_contacts", hw: str = "cpu"
     from adapterlab.config import resolve_config
     from adapterlab.data import load_examples, to_prompt_completion
     from adapterlab.models import load_base_model, load_tokenizer, resolve_model
-    from adapterlab.plan import with_resolved_dtypes
+    from adapterlab.precision import with_resolved_dtypes
 
     cfg, _ = resolve_config(experiment, hw, ["hw.dtype=float32"] if arm == "adapterlab-fp32" else [])
     cfg = with_resolved_dtypes(cfg)
@@ -347,7 +347,7 @@ class Arm:
 
 def measure_peaks(n: int = 2048, repeats: int = 5) -> dict:
     "Best GFLOP/s of an n×n matmul per dtype (what MFU divides by)."
-    from adapterlab.plan import matmul_gflops
+    from adapterlab.precision import matmul_gflops
     return {dt: matmul_gflops(dt, n=n, repeats=repeats) for dt in ("float32", "bfloat16")}
 
 
@@ -449,7 +449,7 @@ def headline(summary: list[dict], ours: str, tol: float, peaks: dict) -> list[st
 
 
 def machine() -> dict:
-    from adapterlab.plan import bf16_support, cpu_flags
+    from adapterlab.precision import bf16_support, cpu_flags
     model = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                   if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16"})

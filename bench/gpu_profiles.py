@@ -62,7 +62,7 @@ def peak_tflops(name: str, override: float | None) -> float | None:
 
 def model_config(arch: str, smoke: bool):
     from transformers import LlamaConfig
-    from adapterlab.plan import preset_config
+    from adapterlab.arch import preset_config
     return LlamaConfig(**TINY) if smoke else preset_config(arch)
 
 
@@ -106,7 +106,7 @@ def random_checkpoint(config, name: str, device: str) -> Path:
 
 
 def flops_per_token(config, seq_len: int) -> float:
-    from adapterlab.plan import arch_from_config
+    from adapterlab.arch import arch_from_config
     a = arch_from_config(config)
     dense = a.layers * a.layer_linear_params() + a.vocab * a.hidden   # the LM head is a matmul; embeddings are not
     return 6 * dense + 12 * a.layers * a.hidden * seq_len
@@ -123,7 +123,8 @@ def run_profile(profile: str, arch: str, steps: int, warmup: int, smoke: bool, p
     from adapterlab.compat import build_sft_trainer
     from adapterlab.config import resolve_config
     from adapterlab.models import load_base_model
-    from adapterlab.plan import check_4bit, fit_plan, gib, plan_memory, plan_vs_measured
+    from adapterlab.plan import fit_plan, gib, plan_memory, plan_vs_measured
+    from adapterlab.precision import check_4bit
     from adapterlab.train import attach_lora, sft_settings
 
     device = "cpu" if smoke else "cuda"
@@ -216,7 +217,7 @@ def markdown(results: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--profiles", default=",".join(GPU_PROFILES))
-    ap.add_argument("--arch", default="llama-3.1-8b", help="architecture preset (adapterlab.plan.ARCH_PRESETS)")
+    ap.add_argument("--arch", default="llama-3.1-8b", help="architecture preset (adapterlab.arch.ARCH_PRESETS)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, for MFU")

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterlab.artifact import load_verified_adapter, verify_artifact
+from adapterlab.artifact import verify_artifact
+from adapterlab.artifact_load import load_verified_adapter
 from adapterlab.config import open_run
 from adapterlab.eval import generation_kwargs
 from adapterlab.models import load_base_model, named_chat_templates, resolve_model, stop_token_ids

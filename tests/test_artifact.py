@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from adapterlab.artifact import (REQUIRED_FILES, ArtifactError, load_verified_adapter, update_artifact_metrics,
-                                 verify_artifact, write_artifact)
+from adapterlab.artifact import REQUIRED_FILES, ArtifactError, verify_artifact, write_artifact
+from adapterlab.artifact_load import load_verified_adapter, update_artifact_metrics
 from adapterlab.config import load_run_config
 from adapterlab.models import resolve_model
 

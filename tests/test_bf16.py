@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from adapterlab.config import resolve_config
-from adapterlab.plan import (BF16_MATMUL_TOLERANCE, BF16_MIN_SPEEDUP, NATIVE_BF16_FLAGS, bf16_support, cpu_flags,
-                             resolve_dtype, with_resolved_dtypes)
+from adapterlab.precision import (BF16_MATMUL_TOLERANCE, BF16_MIN_SPEEDUP, NATIVE_BF16_FLAGS, bf16_support, cpu_flags,
+                                  resolve_dtype, with_resolved_dtypes)
 
 BF16 = bf16_support("cpu")
 needs_bf16 = pytest.mark.skipif(not BF16["supported"], reason=f"this CPU has no fast bf16: {BF16['reason']}")

@@ -11,7 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import yaml
 
-from adapterlab.artifact import verify_artifact, verify_run
+from adapterlab.artifact import verify_artifact
+from adapterlab.artifact_load import verify_run
 from adapterlab.config import ConfigError, open_run, params_dir, project_root, resolve_config
 from adapterlab.models import resolve_model
 

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from adapterlab.config import ConfigError, resolve_config
-from adapterlab.plan import (GIB, Arch, PlanError, QuantizationUnavailable, add_cli, arch_from_config, check_4bit,
-                             fit_plan, gib, layer_activation_bytes, lora_params, lora_targets, model_config_for,
-                             plan_memory, preset_config, quantized_bytes_per_weight)
+from adapterlab.arch import Arch, arch_from_config, model_config_for, preset_config
+from adapterlab.plan import (GIB, PlanError, add_cli, fit_plan, gib, layer_activation_bytes, lora_params, lora_targets,
+                             plan_memory, quantized_bytes_per_weight)
+from adapterlab.precision import QuantizationUnavailable, check_4bit
 
 
 def tiny_llama_config(layers: int = 3):

@@ -12,7 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from adapterlab.artifact import ArtifactError, load_verified_adapter, verify_artifact
+from adapterlab.artifact import ArtifactError, verify_artifact
+from adapterlab.artifact_load import load_verified_adapter
 from adapterlab.config import ConfigError, open_run, resolve_config
 from adapterlab.data import DataError, write_jsonl
 from adapterlab.models import load_base_model, load_tokenizer, resolve_model, sha256_file

@@ -12,7 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from adapterlab.artifact import ArtifactError, load_verified_adapter, verify_artifact, write_artifact
+from adapterlab.artifact import ArtifactError, verify_artifact, write_artifact
+from adapterlab.artifact_load import load_verified_adapter
 from adapterlab.config import resolve_config
 from adapterlab.models import load_base_model, resolve_model, sha256_file
 from adapterlab.serve import AdapterSet, add_cli, artifact_config, vllm_lora_problems

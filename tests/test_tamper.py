@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from adapterlab.artifact import (ArtifactError, _write_checksums, load_verified_adapter, loading_problems, verify_run,
-                                 write_artifact)
+from adapterlab.artifact import ArtifactError, _write_checksums, write_artifact
+from adapterlab.artifact_load import load_verified_adapter, loading_problems, verify_run
 from adapterlab.cli import main
 from adapterlab.config import load_run_config
 from adapterlab.models import resolve_model

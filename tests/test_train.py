@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterlab.artifact import BaseModifiedError
+from adapterlab.provenance import BaseModifiedError
 from adapterlab.config import open_run
 from adapterlab.train import read_metrics, reload_logits_gap, run_training
 

@@ -21,7 +21,7 @@ COMMANDS = {
     "runs": ("adapterlab.pipeline", "list runs with their status and key metrics", ["adapterlab runs"]),
     "train": ("adapterlab.train", "train a LoRA adapter (the train stage alone)",
               ["adapterlab train -f ci", "adapterlab train --run-dir outputs/runs/RUN_ID --resume"]),
-    "verify": ("adapterlab.artifact", "check an adapter artifact: files, checksums, signature, tensors, base model",
+    "verify": ("adapterlab.artifact_load", "check an adapter artifact: files, checksums, signature, tensors, base model",
                ["adapterlab verify outputs/runs/RUN_ID/artifact", "adapterlab verify --run RUN_ID",
                 "adapterlab verify outputs/runs/RUN_ID/artifact --base embedded:smollm2-135m-instruct"]),
     "data": ("adapterlab.data", "validate and convert training data",

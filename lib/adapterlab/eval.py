@@ -730,7 +730,8 @@ def load_predictions(path: str | Path) -> list[dict]:
 def evaluate_run(run_dir: str | Path, eval_spec: str | None = None, overrides: list[str] | dict | None = None,
                  injected: dict | None = None) -> dict:
     "The eval stage: base vs adapter on the eval set; writes `run_dir/eval/` and the artifact's final metrics."
-    from adapterlab.artifact import ArtifactError, load_verified_adapter, update_artifact_metrics, verify_artifact
+    from adapterlab.artifact import ArtifactError, verify_artifact
+    from adapterlab.artifact_load import load_verified_adapter, update_artifact_metrics
     from adapterlab.config import check_hardware
     from adapterlab.models import load_base_model
     run_dir = Path(run_dir)

@@ -154,7 +154,7 @@ def load_encoder(cfg: Config, source=None):
     from adapterlab.models import resolve_model, torch_dtype
     source = source or resolve_model(cfg.model.base_model)
     tok = AutoTokenizer.from_pretrained(source.location, trust_remote_code=cfg.model.trust_remote_code)
-    from adapterlab.plan import resolve_dtype   # full precision: `auto` is float32 here
+    from adapterlab.precision import resolve_dtype   # full precision: `auto` is float32 here
     encoder = AutoModel.from_pretrained(source.location, dtype=torch_dtype(resolve_dtype(cfg, half_ok=False)),
                                         trust_remote_code=cfg.model.trust_remote_code)
     if getattr(encoder.config, "is_decoder", False) or not hasattr(encoder.config, "hidden_size"):

@@ -128,7 +128,7 @@ def train_heads(cfg: Config, heads: HeadsConfig, run_dir: str | Path) -> HeadsTr
 # %% ../../nbs/24_heads_train.ipynb #f65c8d61
 def reload_heads_model(artifact: str | Path, cfg: Config, heads: HeadsConfig):
     "Base encoder + heads + the artifact's adapter, loaded through verification."
-    from adapterlab.artifact import load_verified_adapter
+    from adapterlab.artifact_load import load_verified_adapter
     encoder, _, _ = load_encoder(cfg)
     fresh = build_heads_model(encoder, heads, cfg.seed + 1)  # other initial heads: the artifact must replace them
     return load_verified_adapter(artifact, fresh).eval()

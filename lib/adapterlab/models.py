@@ -273,7 +273,7 @@ def quantization_config(cfg: Config):
     if cfg.hw.quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
-    from adapterlab.plan import resolve_dtype
+    from adapterlab.precision import resolve_dtype
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.hw.quantization,
                               bnb_4bit_use_double_quant=cfg.hw.double_quant,
                               bnb_4bit_compute_dtype=torch_dtype(resolve_dtype(cfg, "compute_dtype")))
@@ -304,7 +304,7 @@ def load_base_model(cfg: Config, source: ModelSource | None = None):
     from transformers import AutoModelForCausalLM
     source = source or model_source(cfg)
     tok = load_tokenizer(source, cfg)
-    from adapterlab.plan import resolve_dtype   # hw.dtype `auto`: bf16 where the device has it
+    from adapterlab.precision import resolve_dtype   # hw.dtype `auto`: bf16 where the device has it
     kwargs = dict(dtype=torch_dtype(resolve_dtype(cfg)), trust_remote_code=cfg.model.trust_remote_code)
     if (q := quantization_config(cfg)) is not None:
         kwargs["quantization_config"] = q

@@ -8,26 +8,22 @@ Docs: https://adapterlab.github.io/adapterlab/plan.html.md"""
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
+from .arch import ARCH_PRESETS, LINEAR_NAMES, Arch, arch_from_config, model_config_for, preset_name
 from .config import Config, ConfigError, HardwareError, resolve_config
+from .precision import resolve_dtype
 
 # %% auto #0
-__all__ = ['GIB', 'DTYPE_BYTES', 'LINEAR_NAMES', 'ARCH_PRESETS', 'ARCH_ALIASES', 'QUANT_BLOCK', 'DOUBLE_QUANT_BLOCK',
-           'OPTIMIZERS', 'BNB_MIN_8BIT_SIZE', 'BNB_OPT_BLOCK', 'BNB_MIN_PAGED_SIZE', 'FUSED_TOKEN_TILE',
-           'FUSED_VOCAB_TILE', 'NATIVE_BF16_FLAGS', 'BF16_MATMUL_TOLERANCE', 'BF16_MIN_SPEEDUP', 'COMPONENTS', 'STEADY',
-           'PHASES', 'LAYER_BACKWARD_PARTS', 'gib', 'Arch', 'arch_from_config', 'preset_name', 'preset_config',
-           'model_config_for', 'quantized_bytes_per_weight', 'lora_targets', 'lora_params', 'lora_tensor_sizes',
-           'optimizer_state_bytes', 'layer_activation_bytes', 'backward_transient_bytes',
-           'measure_saved_activation_bytes', 'trl_has_fused_head', 'loss_head_bytes', 'cpu_flags', 'matmul_gflops',
-           'bf16_support', 'resolve_dtype', 'with_resolved_dtypes', 'MemoryPlan', 'plan_memory', 'PlanError',
-           'fit_plan', 'measured_peak', 'plan_vs_measured', 'QuantizationUnavailable', 'check_4bit', 'plan_for',
-           'add_cli']
+__all__ = ['GIB', 'DTYPE_BYTES', 'QUANT_BLOCK', 'DOUBLE_QUANT_BLOCK', 'OPTIMIZERS', 'BNB_MIN_8BIT_SIZE', 'BNB_OPT_BLOCK',
+           'BNB_MIN_PAGED_SIZE', 'FUSED_TOKEN_TILE', 'FUSED_VOCAB_TILE', 'COMPONENTS', 'STEADY', 'PHASES',
+           'LAYER_BACKWARD_PARTS', 'gib', 'quantized_bytes_per_weight', 'lora_targets', 'lora_params',
+           'lora_tensor_sizes', 'optimizer_state_bytes', 'layer_activation_bytes', 'backward_transient_bytes',
+           'measure_saved_activation_bytes', 'trl_has_fused_head', 'loss_head_bytes', 'MemoryPlan', 'plan_memory',
+           'PlanError', 'fit_plan', 'measured_peak', 'plan_vs_measured', 'plan_for', 'add_cli']
 
 # %% ../../nbs/10_plan.ipynb #acfd46fe
 GIB = 1 << 30
@@ -37,128 +33,6 @@ def gib(n_bytes: float) -> float:
     return n_bytes / GIB
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-# %% ../../nbs/10_plan.ipynb #4613f7f5
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-@dataclass(frozen=True)
-class Arch:
-    "The memory-relevant shape of a decoder-only transformer."
-    name: str
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied_embeddings: bool
-
-    @property
-    def q_dim(self) -> int: return self.heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int: return self.kv_heads * self.head_dim
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        "`name -> (in_features, out_features)` of one decoder layer's linear layers."
-        h, i = self.hidden, self.intermediate
-        return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
-                "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-    def layer_linear_params(self) -> int:
-        return sum(a * b for a, b in self.linear_shapes().values())
-
-    def embedding_params(self) -> int:
-        "Input embeddings plus the LM head (once when they are tied)."
-        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
-
-    def norm_params(self) -> int:
-        return (2 * self.layers + 1) * self.hidden
-
-    def total_params(self) -> int:
-        return self.layers * self.layer_linear_params() + self.embedding_params() + self.norm_params()
-
-def arch_from_config(config: Any, name: str | None = None) -> Arch:
-    "The `Arch` of a transformers config (or a plain dict with the same keys)."
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-               if get(k) is None]
-    if missing:
-        raise ConfigError(f"{name or 'model config'}: not a decoder config the planner knows; missing {', '.join(missing)}")
-    heads = get("num_attention_heads")
-    return Arch(name=name or get("_name_or_path") or get("model_type") or "model",
-                hidden=get("hidden_size"), intermediate=get("intermediate_size"), layers=get("num_hidden_layers"),
-                heads=heads, kv_heads=get("num_key_value_heads") or heads,
-                head_dim=get("head_dim") or get("hidden_size") // heads, vocab=get("vocab_size"),
-                tied_embeddings=bool(get("tie_word_embeddings", False)))
-
-# %% ../../nbs/10_plan.ipynb #2b9e8493
-ARCH_PRESETS: dict[str, dict] = {
-    #                 hidden  inter  layers heads kv   vocab   tied
-    "llama-3.1-8b":  dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
-    "llama-3.2-3b":  dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "llama-3.2-1b":  dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "llama-2-7b":    dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                          num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
-    "mistral-7b":    dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                          num_key_value_heads=8, vocab_size=32768, tie_word_embeddings=False),
-    "qwen2.5-7b":    dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                          num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
-    "smollm2-1.7b":  dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
-                          num_key_value_heads=32, vocab_size=49152, tie_word_embeddings=True),
-    "smollm2-135m":  dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-}
-ARCH_ALIASES = {
-    "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b", "meta-llama/llama-3.1-8b": "llama-3.1-8b",
-    "meta-llama/meta-llama-3.1-8b-instruct": "llama-3.1-8b", "meta-llama/meta-llama-3-8b-instruct": "llama-3.1-8b",
-    "meta-llama/meta-llama-3-8b": "llama-3.1-8b", "llama-3-8b": "llama-3.1-8b",
-    "meta-llama/llama-3.2-3b-instruct": "llama-3.2-3b", "meta-llama/llama-3.2-3b": "llama-3.2-3b",
-    "meta-llama/llama-3.2-1b-instruct": "llama-3.2-1b", "meta-llama/llama-3.2-1b": "llama-3.2-1b",
-    "meta-llama/llama-2-7b-hf": "llama-2-7b", "meta-llama/llama-2-7b-chat-hf": "llama-2-7b",
-    "mistralai/mistral-7b-instruct-v0.3": "mistral-7b", "mistralai/mistral-7b-v0.3": "mistral-7b",
-    "qwen/qwen2.5-7b-instruct": "qwen2.5-7b", "qwen/qwen2.5-7b": "qwen2.5-7b",
-    "huggingfacetb/smollm2-1.7b-instruct": "smollm2-1.7b", "huggingfacetb/smollm2-135m-instruct": "smollm2-135m",
-    "embedded:smollm2-135m-instruct": "smollm2-135m",
-}
-
-def preset_name(spec: str) -> str | None:
-    "The preset a name or hub id stands for, or None."
-    key = spec.strip().lower()
-    return key if key in ARCH_PRESETS else ARCH_ALIASES.get(key)
-
-def preset_config(name: str):
-    "A `transformers.LlamaConfig` with a preset's dimensions (no hub, no weights)."
-    from transformers import LlamaConfig
-    key = preset_name(name)
-    if key is None:
-        raise ConfigError(f"--arch {name}: unknown architecture preset (known: {', '.join(ARCH_PRESETS)})")
-    return LlamaConfig(**ARCH_PRESETS[key], max_position_embeddings=8192, name_or_path=key)
-
-# %% ../../nbs/10_plan.ipynb #5c471cf0
-def model_config_for(spec: str):
-    "A transformers config for a preset name, a known hub id, `embedded:NAME`, a local folder or a config.json."
-    from transformers import AutoConfig
-    if preset_name(spec) and not Path(spec).exists():
-        return preset_config(spec)
-    p = Path(spec).expanduser()
-    if spec.startswith("embedded:"):
-        from adapterlab.models import resolve_model
-        p = Path(resolve_model(spec).location)
-    if p.is_file() and p.name == "config.json":
-        p = p.parent
-    if p.is_dir():
-        if not (p / "config.json").exists():
-            raise ConfigError(f"{spec}: folder has no config.json")
-        return AutoConfig.from_pretrained(str(p), trust_remote_code=False)
-    raise ConfigError(f"{spec}: not a preset, a local model folder or a config.json; the planner works offline, "
-                      f"so name a preset (--arch, one of {', '.join(ARCH_PRESETS)}) or a local folder")
 
 # %% ../../nbs/10_plan.ipynb #dfb2fcf5
 QUANT_BLOCK = 64          # bitsandbytes 4-bit block size
@@ -281,81 +155,6 @@ def loss_head_bytes(arch: Arch, tokens: int, e: int, fused: bool, on_gpu: bool =
     tile = min(tokens, FUSED_TOKEN_TILE) * min(arch.vocab, FUSED_VOCAB_TILE)
     tile_bytes = e if on_gpu else e + 3 * 4
     return tile * tile_bytes + tokens * arch.hidden * (e + 4) + tokens * 4 * 4
-
-# %% ../../nbs/10_plan.ipynb #a2a58e7a
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")   # /proc/cpuinfo names of native bf16 instructions
-
-def cpu_flags() -> set[str]:
-    "The CPU's feature flags from `/proc/cpuinfo` (empty where there is no such file)."
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return next((set(l.split(":", 1)[1].split()) for l in text.splitlines() if l.startswith("flags")), set())
-
-def matmul_gflops(dtype: str = "float32", n: int = 512, repeats: int = 5, device: str = "cpu") -> float:
-    "Best-of-`repeats` GFLOP/s of an `n×n @ n×n` matmul in `dtype` (2·n³ FLOPs), after one warm-up."
-    import time
-    import torch
-    g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(n, n, generator=g).to(device=device, dtype=getattr(torch, dtype)) for _ in range(2))
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        if device == "cuda": torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if device == "cuda": torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
-
-@functools.lru_cache(maxsize=None)
-def bf16_support(device: str = "cpu") -> dict:
-    """Does `device` have fast bf16? `{"supported", "reason", ...facts}`: torch's oneDNN check, the CPU's native bf16
-    flags, and a small measured matmul (correct, and at least half as fast as fp32). Measured once per process."""
-    import torch
-    if device == "cuda":
-        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return {"device": "cuda", "supported": ok, "reason": f"torch.cuda.is_bf16_supported() = {ok}"}
-    onednn = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    flags = sorted(cpu_flags() & set(NATIVE_BF16_FLAGS))
-    facts = {"device": "cpu", "onednn_bf16": onednn, "native_bf16_flags": flags}
-    if not onednn or not flags:
-        why = "torch's oneDNN reports no bf16 support" if not onednn else \
-              f"the CPU flags name no native bf16 instruction ({', '.join(NATIVE_BF16_FLAGS)})"
-        return {**facts, "supported": False, "reason": why}
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(64, 256, generator=g), torch.randn(256, 64, generator=g)
-    err = float(((a.bfloat16() @ b.bfloat16()).float() - a @ b).abs().max() / (a @ b).abs().max())
-    # interleaved, best of several: the load on a shared machine slows both alike
-    fp32, bf16 = max(matmul_gflops("float32", 256, 3) for _ in range(3)), max(matmul_gflops("bfloat16", 256, 3) for _ in range(3))
-    facts.update(matmul_rel_error=round(err, 5), gflops_fp32_256=round(fp32, 1), gflops_bf16_256=round(bf16, 1))
-    if err > BF16_MATMUL_TOLERANCE:
-        return {**facts, "supported": False, "reason": f"a bf16 matmul is off by {err:.3g} (relative)"}
-    if bf16 < BF16_MIN_SPEEDUP * fp32:
-        return {**facts, "supported": False, "reason": f"a bf16 matmul measured slower than fp32 ({bf16:.0f} vs {fp32:.0f} GFLOP/s)"}
-    return {**facts, "supported": True,
-            "reason": f"native {'+'.join(flags)}; bf16 matmul {bf16 / fp32:.1f}x fp32 ({bf16:.0f} vs {fp32:.0f} GFLOP/s)"}
-
-BF16_MATMUL_TOLERANCE = 0.02   # bf16 has 8 mantissa bits: a 256-long dot product lands well within 2 %
-# Emulated bf16 (no native instruction) runs several times slower than fp32, native bf16 several times faster; half
-# of fp32's speed is the line, so a busy machine's noise in a 3-ms measurement cannot flip the answer.
-BF16_MIN_SPEEDUP = 0.5
-
-def resolve_dtype(cfg: Config, field: str = "dtype", half_ok: bool = True) -> str:
-    """The concrete dtype name of `cfg.hw.<field>`: itself, or for `auto` bf16 where `bf16_support` says the device
-    has it (float32 elsewhere, and wherever the caller needs full precision: `half_ok=False`)."""
-    value = getattr(cfg.hw, field)
-    if value != "auto":
-        return value
-    return "bfloat16" if half_ok and bf16_support(cfg.hw.device)["supported"] else "float32"
-
-def with_resolved_dtypes(cfg: Config) -> Config:
-    "A copy of `cfg` whose `hw.dtype` and `hw.compute_dtype` are concrete: what a run records and reloads with."
-    import dataclasses
-    hw = dataclasses.replace(cfg.hw, dtype=resolve_dtype(cfg), compute_dtype=resolve_dtype(cfg, "compute_dtype"))
-    return dataclasses.replace(cfg, hw=hw)
-
 
 # %% ../../nbs/10_plan.ipynb #70bdcad2
 COMPONENTS = {
@@ -572,49 +371,6 @@ def plan_vs_measured(plan: MemoryPlan, measured: dict) -> dict:
     if "max_allocated" in measured and measured["max_allocated"]:
         out["error"] = plan.torch_allocated / measured["max_allocated"] - 1
     return out
-
-# %% ../../nbs/10_plan.ipynb #81a4f3e8
-class QuantizationUnavailable(HardwareError):
-    "bitsandbytes 4-bit cannot run on this machine."
-
-def check_4bit(device: str = "cuda", quant_type: str = "nf4", compute_dtype: str = "bfloat16") -> str:
-    "Raise `QuantizationUnavailable` (with what to do) unless a 4-bit layer trains on `device`; returns the bnb version."
-    import torch
-    fallback = "or train unquantized with the override `hw.quantization=none` (more memory)"
-    try:
-        import bitsandbytes as bnb
-        import bitsandbytes.functional as bnbf
-    except Exception as e:
-        raise QuantizationUnavailable(
-            f"hw.quantization={quant_type} needs bitsandbytes, which does not import here "
-            f"({type(e).__name__}: {e}). Install it: `pip install 'bitsandbytes>=0.45'`, {fallback}.") from None
-    if device == "cuda" and not torch.cuda.is_available():
-        raise QuantizationUnavailable(
-            f"hw.device=cuda: torch {torch.__version__} sees no CUDA GPU, so bitsandbytes {bnb.__version__} cannot run "
-            f"4-bit on it. Use a CUDA build of torch on a machine with an NVIDIA GPU, `hw=cpu`, {fallback}.")
-    dtype = getattr(torch, compute_dtype)
-    try:
-        g = torch.Generator().manual_seed(0)
-        w = torch.randn(128, 256, generator=g).to(dtype)
-        layer = bnb.nn.Linear4bit(256, 128, bias=False, compute_dtype=dtype, quant_type=quant_type)
-        layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=quant_type)
-        layer = layer.to(device)
-        x = torch.randn(4, 256, generator=g).to(device=device, dtype=dtype).requires_grad_()
-        y = layer(x)
-        y.float().sum().backward()
-        ref = x.detach() @ bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype).t()
-        ok = torch.allclose(y.float(), ref.float(), rtol=0.05, atol=0.05) and x.grad is not None \
-            and bool(torch.isfinite(x.grad).all())
-    except Exception as e:
-        raise QuantizationUnavailable(
-            f"bitsandbytes {bnb.__version__} cannot run a 4-bit ({quant_type}) layer on {device}: "
-            f"{type(e).__name__}: {str(e).splitlines()[0][:300]}. Reinstall a bitsandbytes build for this "
-            f"torch/CUDA (`pip install -U bitsandbytes`; `python -m bitsandbytes` diagnoses it), {fallback}.") from None
-    if not ok:
-        raise QuantizationUnavailable(
-            f"bitsandbytes {bnb.__version__}: a 4-bit ({quant_type}) matmul on {device} gives wrong results; "
-            f"reinstall bitsandbytes for this torch/CUDA, {fallback}.")
-    return bnb.__version__
 
 # %% ../../nbs/10_plan.ipynb #e5c0bef3
 def plan_for(cfg: Config, arch: str | None = None, *, fit: bool = False) -> tuple[Config, MemoryPlan]:

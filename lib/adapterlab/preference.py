@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .artifact import ArtifactError, load_verified_adapter
+from .artifact import ArtifactError
+from .artifact_load import load_verified_adapter
 from .compat import build_dpo_trainer, sft_settings
 from .config import Config
 from .data import (DataError, Example, RecordProblem, Reject, check_clean, count_tokens, decode_line,
@@ -391,7 +392,7 @@ def comparison_markdown(report: dict) -> str:
 def evaluate_preference(cfg: Config, run_dir: str | Path, dpo_artifact: str | Path,
                         sft_artifact: str | Path | None = None) -> dict:
     "The stage's eval: base, SFT (if continued) and DPO on the eval set, into `RUN/preference/eval/`; the deltas go into the DPO artifact's metrics."
-    from adapterlab.artifact import update_artifact_metrics
+    from adapterlab.artifact_load import update_artifact_metrics
     artifacts = {"sft": sft_artifact, "dpo": dpo_artifact} if sft_artifact is not None else {"dpo": dpo_artifact}
     report = compare_on_eval(cfg, artifacts, preference_dir(run_dir) / "eval")
     update_artifact_metrics(dpo_artifact, {"preference_eval": {

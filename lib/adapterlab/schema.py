@@ -8,7 +8,7 @@ Docs: https://adapterlab.github.io/adapterlab/schema.html.md"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 # %% auto #0
 __all__ = ['NAME_PATTERN', 'spec', 'ModelConfig', 'LoraConfig', 'DataConfig', 'TrainConfig', 'HwConfig', 'EvalConfig',
@@ -76,7 +76,7 @@ class HwConfig:
     name: str = spec("profile name, recorded in provenance and in run folder names", pattern=NAME_PATTERN)
     device: str = spec("where to train", choices=("cpu", "cuda"))
     dtype: str = spec("dtype of the unquantized weights; auto = bfloat16 where the device has fast bf16, else float32 "
-                      "(adapterlab.plan.resolve_dtype)", choices=("auto", "float32", "bfloat16", "float16"))
+                      "(adapterlab.precision.resolve_dtype)", choices=("auto", "float32", "bfloat16", "float16"))
     quantization: str = spec("base-weight quantization", choices=("none", "nf4", "fp4"))
     double_quant: bool = spec("quantize the 4-bit quantization constants too (QLoRA)")
     compute_dtype: str = spec("dtype of 4-bit matmuls; auto as for dtype", choices=("auto", "float32", "bfloat16", "float16"))

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import adapterlab
-from .artifact import (ArtifactError, load_verified_adapter, package_versions, redact_secrets,
-                                 require_verified, verify_artifact)
+from .artifact import ArtifactError, package_versions, redact_secrets, verify_artifact
+from .artifact_load import load_verified_adapter, require_verified
 from .config import (AdapterlabError, Config, build_dataclass, load_layer, merge_layers, params_dir,
                                runs_root)
 from .models import ModelSource, load_base_model, sha256_file, torch_dtype

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .artifact import (ArtifactError, BaseModifiedError, base_checksums, check_only_adapter_trainable,
-                                 compare_checksums, digest_of, verify_artifact, write_artifact)
+from .artifact import ArtifactError, verify_artifact, write_artifact
 from .config import Config, check_hardware
+from .provenance import (BaseModifiedError, base_checksums, check_only_adapter_trainable, compare_checksums,
+                                   digest_of)
 from .plan import gib
 
 # %% auto #0

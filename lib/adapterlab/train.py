@@ -16,7 +16,8 @@ from .compat import build_sft_trainer, sft_settings
 from .config import Config, ConfigError
 from .data import PreparedData, load_prepared, prepare_data, weighted_sampler
 from .models import ModelSource, load_base_model
-from .plan import gib, with_resolved_dtypes
+from .plan import gib
+from .precision import with_resolved_dtypes
 from .skeleton import (TrainingSkeleton, latest_checkpoint, memory_table, metrics_callback, plot_loss,
                                  prepare_training, read_metrics, record_memory, seed_everything, summarize_training,
                                  verification_table, write_json)
@@ -252,7 +253,7 @@ def dry_run_training(cfg: Config, run_dir: str | Path) -> dict:
 def reload_logits_gap(result: TrainResult, texts: list[str] | None = None) -> float:
     "Max |logit difference| between the in-memory trained model and base + adapter reloaded from the artifact."
     import torch
-    from adapterlab.artifact import load_verified_adapter
+    from adapterlab.artifact_load import load_verified_adapter
     from adapterlab.config import config_from_dict
     import yaml
     art = Path(result.summary["artifact"])
