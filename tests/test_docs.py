@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from adapterlab.config import project_root
-from adapterlab.docs import (DocsBuildError, build_docs, check_readme, module_notebooks, page_name, readme_text,
-                             stage_notebooks)
+from adapterlab.docs import build_docs, check_readme, readme_text
+from adapterlab.docs_process import DocsBuildError, module_notebooks, page_name, stage_notebooks, tiny_notebook
 from adapterlab.pipeline import STAGES
 
 REPO = project_root()
@@ -17,16 +17,6 @@ NBS = REPO / "nbs"
 # a 1x1 PNG: what a plot output looks like in an executed notebook
 PNG = base64.b64encode(bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
                                      "1f15c4890000000d49444154789c6360f80f000001010001ff2f36f20000000049454e44ae426082")).decode()
-
-
-def _nb(path: Path, cells: list[tuple[str, str]]) -> Path:
-    nb = {"cells": [{"cell_type": t, "metadata": {}, "source": s,
-                     **({"outputs": [], "execution_count": None} if t == "code" else {})} for t, s in cells],
-          "metadata": {"kernelspec": {"name": "python3", "display_name": "python3", "language": "python"}},
-          "nbformat": 4, "nbformat_minor": 5}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(nb))
-    return path
 
 
 def _fake_run(root: Path) -> Path:
@@ -85,8 +75,8 @@ def test_build_has_a_page_per_module_and_stage(tmp_path):
 
 def test_broken_notebook_fails_the_build(tmp_path):
     nbs = tmp_path / "nbs"
-    _nb(nbs / "00_ok.ipynb", [("markdown", "# Ok"), ("code", "#| export\ndef f(): pass")])
-    _nb(nbs / "01_bad.ipynb", [("markdown", "# Bad"), ("code", "#| export\nraise ValueError('broken on purpose')")])
+    tiny_notebook(nbs / "00_ok.ipynb", [("markdown", "# Ok"), ("code", "#| export\ndef f(): pass")])
+    tiny_notebook(nbs / "01_bad.ipynb", [("markdown", "# Bad"), ("code", "#| export\nraise ValueError('broken on purpose')")])
     (tmp_path / "run" / "notebooks").mkdir(parents=True)
     with pytest.raises(DocsBuildError, match="(?s)01_bad.ipynb.*broken on purpose"):
         build_docs(run=tmp_path / "run", out=tmp_path / "site", nbs=nbs, work=tmp_path / "work")
@@ -94,8 +84,8 @@ def test_broken_notebook_fails_the_build(tmp_path):
 
 def test_broken_link_fails_the_build(tmp_path):
     nbs = tmp_path / "nbs"
-    _nb(nbs / "index.ipynb", [("markdown", "# Home\n\nSee [a module that is not there](99_missing.ipynb).")])
-    _nb(nbs / "00_ok.ipynb", [("markdown", "# Ok"), ("code", "#| export\ndef f(): pass")])
+    tiny_notebook(nbs / "index.ipynb", [("markdown", "# Home\n\nSee [a module that is not there](99_missing.ipynb).")])
+    tiny_notebook(nbs / "00_ok.ipynb", [("markdown", "# Ok"), ("code", "#| export\ndef f(): pass")])
     (tmp_path / "run" / "notebooks").mkdir(parents=True)
     with pytest.raises(DocsBuildError, match="mkdocs build --strict failed"):
         build_docs(run=tmp_path / "run", out=tmp_path / "site", nbs=nbs, work=tmp_path / "work")
@@ -103,7 +93,7 @@ def test_broken_link_fails_the_build(tmp_path):
 
 def test_example_without_output_fails_the_build(tmp_path):
     nbs = tmp_path / "nbs"
-    _nb(nbs / "00_mute.ipynb", [("markdown", "# Mute"), ("code", "#| export\ndef f(): return None"), ("code", "f()"),
+    tiny_notebook(nbs / "00_mute.ipynb", [("markdown", "# Mute"), ("code", "#| export\ndef f(): return None"), ("code", "f()"),
                                 ("code", "assert f() is None")])
     (tmp_path / "run" / "notebooks").mkdir(parents=True)
     with pytest.raises(DocsBuildError, match="00_mute.ipynb: cell 2: 'f\\(\\)' shows no output"):

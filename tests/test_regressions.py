@@ -1,5 +1,5 @@
-"""The fix-regression registry (`adapterlab.regressions`): every historical failure reproduces on the installed
-libraries, adapterlab's path survives the same inputs, and removing the responsible guard brings the failure back."""
+"""The fix-regression registry (`adapterlab.regression_checks`, run by `adapterlab.regressions`): every historical
+failure reproduces on the installed libraries, adapterlab's path survives the same inputs, and removing the responsible guard brings the failure back."""
 import argparse
 import importlib
 import json
@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
+from adapterlab import regression_checks as C
 from adapterlab import regressions as R
 
 pytestmark = pytest.mark.slow  # real MiniLM and SmolLM2; about a minute for the whole module on 2 cores
@@ -16,32 +17,32 @@ pytestmark = pytest.mark.slow  # real MiniLM and SmolLM2; about a minute for the
 
 @pytest.fixture(scope="module")
 def inputs():
-    return R.check_inputs("minilm_heads", "cpu")
+    return C.check_inputs("minilm_heads", "cpu")
 
 
 def test_registry_covers_every_seed_failure_and_every_guard():
-    assert [c.seed for c in R.REGISTRY] == ["000 (TRL ADR)"] + [f"001 Fix #{n}" for n in range(16, 21)]
-    assert {g for c in R.REGISTRY for g in c.guards} == set(R.all_guards())
+    assert [c.seed for c in C.REGISTRY] == ["000 (TRL ADR)"] + [f"001 Fix #{n}" for n in range(16, 21)]
+    assert {g for c in C.REGISTRY for g in c.guards} == set(C.all_guards())
 
 
-@pytest.mark.parametrize("check", R.REGISTRY, ids=lambda c: c.id)
+@pytest.mark.parametrize("check", C.REGISTRY, ids=lambda c: c.id)
 def test_naive_configuration_reproduces_the_original_failure(check, inputs):
     exc = check.reproduce(inputs)
     assert exc is not None, f"{check.id}: the naive configuration no longer fails"
     assert check.reproduces(exc), f"{check.id}: expected {check.error_type.__name__} /{check.error_pattern}/, got {exc!r}"
 
 
-@pytest.mark.parametrize("check", R.REGISTRY, ids=lambda c: c.id)
+@pytest.mark.parametrize("check", C.REGISTRY, ids=lambda c: c.id)
 def test_adapterlab_path_survives_the_same_inputs(check, inputs):
     evidence = check.guarded(inputs)
     assert isinstance(evidence, str) and evidence
 
 
-@pytest.mark.parametrize("check,guard", [(c, g) for c in R.REGISTRY for g in c.guards],
+@pytest.mark.parametrize("check,guard", [(c, g) for c in C.REGISTRY for g in c.guards],
                          ids=lambda x: getattr(x, "id", None) or str(x).rsplit(".", 1)[-1])
 def test_removing_the_guard_makes_the_check_fail(check, guard, inputs, monkeypatch):
     module_name, attr = guard.rsplit(".", 1)
-    monkeypatch.setattr(importlib.import_module(module_name), attr, R.all_guards()[guard].removed)
+    monkeypatch.setattr(importlib.import_module(module_name), attr, C.all_guards()[guard].removed)
     with pytest.raises(Exception):
         check.guarded(inputs)
 
@@ -49,14 +50,14 @@ def test_removing_the_guard_makes_the_check_fail(check, guard, inputs, monkeypat
 def test_guard_removed_restores_the_guard():
     from adapterlab import heads
     original = heads.align_targets
-    with R.guard_removed("adapterlab.heads.align_targets"):
+    with C.guard_removed("adapterlab.heads.align_targets"):
         assert heads.align_targets is not original
         assert heads.align_targets([1.0] * 5, 3, "exact") == ([1.0] * 5, [1.0] * 5)
     assert heads.align_targets is original
 
 
 def test_stage_writes_the_table_and_passes(inputs, tmp_path):
-    checks = (R.get_check("collator-tensors"), R.get_check("target-alignment"))
+    checks = (C.get_check("collator-tensors"), C.get_check("target-alignment"))
     results = R.regression_stage(tmp_path, inputs, prove_guards=True, checks=checks)
     assert all(r.ok for r in results)
     rows = json.loads((tmp_path / "regressions" / "table.json").read_text())
@@ -70,10 +71,10 @@ def test_stage_writes_the_table_and_passes(inputs, tmp_path):
 def test_stage_fails_on_a_check_that_does_not_reproduce_or_is_not_guarded(inputs, tmp_path):
     def raises_other(_):
         raise KeyError("something else")
-    vacuous = R.RegressionCheck("vacuous", "test", "a bug that cannot happen", "ZeroDivisionError: division by zero",
+    vacuous = C.RegressionCheck("vacuous", "test", "a bug that cannot happen", "ZeroDivisionError: division by zero",
                                 ZeroDivisionError, r"division by zero", naive=lambda _: 1 + 1,
                                 adapterlab=lambda _: "fine", guards=())
-    unguarded = R.RegressionCheck("unguarded", "test", "a bug adapterlab still has", "ZeroDivisionError: division by zero",
+    unguarded = C.RegressionCheck("unguarded", "test", "a bug adapterlab still has", "ZeroDivisionError: division by zero",
                                   ZeroDivisionError, r"division by zero", naive=lambda _: 1 / 0,
                                   adapterlab=raises_other, guards=())
     with pytest.raises(R.RegressionFailure) as e:
@@ -86,13 +87,13 @@ def test_stage_fails_on_a_check_that_does_not_reproduce_or_is_not_guarded(inputs
 
 
 def test_a_guard_that_is_not_needed_is_reported(inputs, tmp_path, monkeypatch):
-    check = R.get_check("collator-tensors")
+    check = C.get_check("collator-tensors")
     # A guard list naming a function the check does not depend on: removing it changes nothing, which must show.
-    monkeypatch.setitem(R.EXTERNAL_GUARDS, "adapterlab.heads.pool_hidden_states",
-                        R.all_guards()["adapterlab.heads.drop_task_type"].__class__(
+    monkeypatch.setitem(C.EXTERNAL_GUARDS, "adapterlab.heads.pool_hidden_states",
+                        C.all_guards()["adapterlab.heads.drop_task_type"].__class__(
                             "pool_hidden_states", "test", "not a guard of this check",
-                            removed=R.H.pool_hidden_states))
-    fake = R.RegressionCheck(**{**vars(check), "guards": ("adapterlab.heads.pool_hidden_states",)})
+                            removed=C.H.pool_hidden_states))
+    fake = C.RegressionCheck(**{**vars(check), "guards": ("adapterlab.heads.pool_hidden_states",)})
     result = R.run_check(fake, inputs)
     assert result.reproduced and result.guarded and result.guards_needed is False and not result.ok
     assert any("still passes with adapterlab.heads.pool_hidden_states removed" in f for f in R.failures([result]))

@@ -7,60 +7,31 @@ Docs: https://adapterlab.github.io/adapterlab/docs.html.md"""
 # %% ../../nbs/15_docs.ipynb #fda11265
 from __future__ import annotations
 
-import argparse
-import ast
-import hashlib
 import html
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 from html.parser import HTMLParser
-from .config import AdapterlabError
-from fastcore.nbio import mk_cell, nb_frontmatter, read_nb, write_nb
+from fastcore.nbio import read_nb, write_nb
 from nbdev.config import get_config
-from nbdev.processors import FilterDefaults, _do_eval, _show_docs, add_fold, exec_show_docs
-from nbdev.frontmatter import FrontmatterProc
 
 from .config import project_root
+from .docs_process import (_frontmatter, _in_project, _re_nb_link, DocsBuildError, execute_modules,
+                                     executed_copy, executed_dir, literate_gaps, missing_outputs, module_notebooks,
+                                     note_cell, page_name, process_cached, process_notebook, relink, stage_notebooks)
 
 # %% auto #0
-__all__ = ['DocsBuildError', 'page_name', 'module_notebooks', 'stage_notebooks', 'newest_finished_run', 'resolve_run',
-           'run_stage_notebooks', 'cell_options', 'options_to_tags', 'keep_title', 'api_cell', 'exec_api_docs',
-           'DocsFilter', 'site_url', 'source_links', 'relink', 'pandoc_links', 'relink_nb', 'note_cell',
-           'process_notebook', 'process_cached', 'executed_dir', 'execute_notebook', 'missing_outputs', 'literate_gaps',
-           'executed_copy', 'execute_modules', 'index_markdown', 'readme_text', 'check_readme', 'write_readme',
-           'run_images', 'coalesce_streams', 'stage_pages', 'module_pages', 'parameters_markdown', 'record_pages',
-           'mkdocs_config', 'write_mkdocs_yml', 'page_refs', 'broken_links', 'mkdocs_build', 'build_docs', 'add_cli']
-
-# %% ../../nbs/15_docs.ipynb #cb04034d
-class DocsBuildError(AdapterlabError, RuntimeError):
-    "The docs site could not be built; the message says which notebook or page, and why."
-
-_re_module = re.compile(r"^\d+_")
-
-def page_name(nb: Path) -> str:
-    "The page name of notebook `nb`: its stem without a numeric `NN_` prefix."
-    return _re_module.sub("", Path(nb).stem)
-
-def module_notebooks(nbs: Path) -> list[Path]:
-    "The numbered notebooks of `nbs`, in order: the library's modules."
-    return sorted(p for p in Path(nbs).glob("*.ipynb") if _re_module.match(p.name))
-
-def stage_notebooks(nbs: Path, readme_nb: str = "index.ipynb") -> list[Path]:
-    "The unnumbered notebooks of `nbs` other than the home page: the pipeline's stages, pipeline order first."
-    from adapterlab.pipeline import STAGES
-    found = [p for p in Path(nbs).glob("*.ipynb") if not _re_module.match(p.name) and p.name != readme_nb]
-    order = {s: i for i, s in enumerate(STAGES)}
-    return sorted(found, key=lambda p: (order.get(p.stem, len(order)), p.stem))
+__all__ = ['newest_finished_run', 'resolve_run', 'run_stage_notebooks', 'index_markdown', 'readme_text', 'check_readme',
+           'write_readme', 'run_images', 'coalesce_streams', 'stage_pages', 'module_pages', 'parameters_markdown',
+           'record_pages', 'mkdocs_config', 'write_mkdocs_yml', 'page_refs', 'broken_links', 'mkdocs_build',
+           'build_docs', 'add_cli']
 
 # %% ../../nbs/15_docs.ipynb #2204e7ea
 def newest_finished_run(root: Path | None = None) -> Path | None:
@@ -84,268 +55,6 @@ def run_stage_notebooks(run_dir: Path | None) -> dict[str, Path]:
     "Executed stage notebooks of `run_dir` by stage name (`notebooks/03_train.ipynb` → `train`)."
     if run_dir is None: return {}
     return {page_name(p): p for p in sorted((Path(run_dir) / "notebooks").glob("*.ipynb"))}
-
-# %% ../../nbs/15_docs.ipynb #8d8fd5a2
-_re_cell_opt = re.compile(r"^\s*#\|\s*([\w-]+)\s*:\s*(.*?)\s*$")
-
-def cell_options(source: str) -> tuple[dict[str, str], str]:
-    "Quarto options (`#| key: value` lines) opening a code cell's `source`, and the source without them."
-    lines, opts = source.splitlines(), {}
-    while lines and (m := _re_cell_opt.match(lines[0])):
-        opts[m.group(1)] = m.group(2).strip("'\"")
-        lines.pop(0)
-    return opts, "\n".join(lines)
-
-_OPTION_TAGS = {("echo", "false"): "remove_input", ("output", "false"): "remove_output",
-                ("include", "false"): "remove_cell"}
-
-def options_to_tags(cell) -> None:
-    "nbdev processor: turn a code cell's Quarto options into mkdocs-jupyter removal tags and strip them."
-    if cell.cell_type != "code" or not cell.get("source"): return
-    opts, cell.source = cell_options(cell.source)
-    tags = [_OPTION_TAGS[k, v.lower()] for k, v in opts.items() if (k, v.lower()) in _OPTION_TAGS]
-    if tags: cell.metadata["tags"] = sorted(set(cell.metadata.get("tags", [])) | set(tags))
-
-# %% ../../nbs/15_docs.ipynb #e8f846de
-def _frontmatter(nb) -> dict:
-    "nbdev's front matter of `nb`, without the warnings of its `- key: value` guess on ordinary bullet lists."
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return nb_frontmatter(nb)
-
-class keep_title(FrontmatterProc):
-    "nbdev's front-matter processor that keeps the title cell: fills `nb.frontmatter_`, removes no cell."
-    def cell(self, cell): pass
-    def end(self): self.nb.frontmatter_ = {**_frontmatter(self.nb), **self.fm}
-
-_doc_dirs = {"export", "exports", "exporti", "exec_doc"}
-
-def api_cell(cell) -> bool:
-    "Whether to run `cell` for the API docs: nbdev's rule, but a cell with imports only if it holds nothing else."
-    if cell.cell_type != "code" or not cell.get("source"): return False
-    trees = cell.parsed_()
-    if not trees: return False
-    if cell.directives_.keys() & _doc_dirs or _show_docs(trees): return bool(_do_eval(cell))
-    return all(isinstance(t, (ast.Import, ast.ImportFrom)) for t in trees) and bool(_do_eval(cell))
-
-class exec_api_docs(exec_show_docs):
-    "nbdev's `exec_show_docs`, running only the cells `api_cell` picks."
-    def __call__(self, cell):
-        if api_cell(cell): super().__call__(cell)
-
-_REPLACE = {FrontmatterProc: keep_title, exec_show_docs: exec_api_docs}
-
-class DocsFilter(FilterDefaults):
-    "nbdev's `FilterDefaults` for a mkdocs site: no Quarto front matter or code folds, Quarto options as tags."
-    def base_procs(self):
-        procs = [_REPLACE.get(p, p) for p in super().base_procs() if p is not add_fold]
-        return procs + [options_to_tags]
-
-# %% ../../nbs/15_docs.ipynb #8a0e0d61
-_re_nb_link = re.compile(r"\]\((?:\./)?(?:nbs/)?([\w-]+)\.ipynb(#[^)\s]*)?\)")
-
-def site_url() -> str:
-    "The published docs' base URL that nbdev's `add_links` writes, ending in `/`."
-    cfg = get_config()
-    return f"{cfg.doc_host.rstrip('/')}/{cfg.doc_baseurl.strip('/')}/".replace("//", "/").replace(":/", "://")
-
-def source_links(text: str) -> str:
-    """Source links as nbdev writes them (`blob/BRANCH/adapterlab/x.py`, as if the package sat at the repository's top)
-    pointed at where the package is: `blob/BRANCH/lib/adapterlab/x.py`."""
-    cfg = get_config()
-    lib = cfg.lib_path.relative_to(cfg.config_path).as_posix()
-    return text.replace(f"{cfg.git_url}/blob/{cfg.branch}/{cfg.lib_name}/", f"{cfg.git_url}/blob/{cfg.branch}/{lib}/")
-
-def relink(text: str, depth: int, ext: str = ".html") -> str:
-    "Links in markdown `text` made relative for a page `depth` folders deep: published API URLs and `*.ipynb` links."
-    up = "../" * depth
-    text = text.replace(site_url(), f"{up}api/")
-    text = source_links(text)
-    def nb_target(m: re.Match) -> str:
-        name = m.group(1)
-        folder = "api" if _re_module.match(name) else ("" if name == "index" else "stages")
-        return f"]({up}{folder + '/' if folder else ''}{page_name(Path(name))}{ext}{m.group(2) or ''})"
-    return _re_nb_link.sub(nb_target, text)
-
-_re_attr_link = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)\{([^}]*)\}")
-
-def pandoc_links(md: str) -> str:
-    "Pandoc's `[text](url){attrs}` (show_doc's source link) as an HTML link: plain markdown shows the braces."
-    return _re_attr_link.sub(lambda m: f'<a href="{m.group(2)}" {m.group(3)}>{m.group(1)}</a>', md)
-
-def relink_nb(nb, depth: int) -> None:
-    "`relink` every markdown cell and markdown output of `nb` in place (and `pandoc_links` the outputs)."
-    for cell in nb.cells:
-        if cell.cell_type == "markdown": cell.source = relink(cell.source, depth)
-        for out in cell.get("outputs", []):
-            data = out.get("data", {})
-            if "text/markdown" in data:
-                md = data["text/markdown"]
-                data["text/markdown"] = pandoc_links(relink("".join(md) if isinstance(md, list) else md, depth))
-
-# %% ../../nbs/15_docs.ipynb #73e98cac
-@contextmanager
-def _in_project(root: Path):
-    "Run with cwd at `root` and `IN_TEST` set, as `nbdev_proc_nbs` does (`get_config()` and exported code expect it)."
-    old, had = Path.cwd(), os.environ.get("IN_TEST")
-    os.chdir(root); os.environ["IN_TEST"] = "1"
-    try: yield
-    finally:
-        os.chdir(old)
-        if had is None: os.environ.pop("IN_TEST", None)
-        else: os.environ["IN_TEST"] = had
-
-def note_cell(title: str, text: str, kind: str = "note"):
-    "A markdown cell holding a material-theme admonition (plain HTML, so nbconvert renders it as is)."
-    return mk_cell(f'<div class="admonition {kind}"><p class="admonition-title">{html.escape(title)}</p>'
-                   f"<p>{text}</p></div>", "markdown")
-
-_CELL_KEYS = {"cell_type", "id", "metadata", "source", "outputs", "execution_count", "attachments"}
-
-def process_notebook(src: Path, dst: Path, depth: int = 1, note=None) -> Path:
-    "Process notebook `src` with `DocsFilter` into `dst`, links relative for `depth`, `note` (a cell) after the title."
-    try:
-        nb = read_nb(src)
-        nb.path_ = str(src)
-        with _in_project(project_root()): DocsFilter()(nb)
-    except Exception as e:
-        raise DocsBuildError(f"{src}: nbdev could not process it for the docs: {type(e).__name__}: {e}") from e
-    relink_nb(nb, depth)
-    for cell in nb.cells:  # nbdev's marks (`has_sd`) and execnb's timings are not nbformat: mkdocs-jupyter validates
-        for k in [k for k in cell if k not in _CELL_KEYS]: del cell[k]
-        cell.get("metadata", {}).pop("execution", None)
-    if note is not None:
-        first_md = next((i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and c.source.startswith("# ")), -1)
-        nb.cells.insert(first_md + 1, note)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    write_nb(nb, dst)
-    return dst
-
-# %% ../../nbs/15_docs.ipynb #19a91605
-def _cache_key(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for p in paths: h.update(Path(p).read_bytes() if Path(p).exists() else b"")
-    return h.hexdigest()[:16]
-
-def process_cached(src: Path, dst: Path, cache: Path, depth: int = 1) -> Path:
-    "`process_notebook` unless `cache` holds the result for the same notebook and symbol index."
-    with _in_project(project_root()): modidx = get_config().lib_path / "_modidx.py"
-    key = _cache_key(src, modidx, Path(__file__) if "__file__" in globals() else src)  # and this module's code
-    hit = Path(cache) / f"{src.stem}-{key}.ipynb"
-    if not hit.exists():
-        for old in Path(cache).glob(f"{src.stem}-*.ipynb"): old.unlink()
-        process_notebook(src, hit, depth)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(hit, dst)
-    return dst
-
-# %% ../../nbs/15_docs.ipynb #f7e56852
-def executed_dir(root: Path | None = None) -> Path:
-    "Where `adapterlab docs execute` keeps executed module notebooks: `_proc/executed/` (git-ignored)."
-    return Path(root or project_root()) / "_proc" / "executed"
-
-def _source_hash(src: Path) -> str:
-    return hashlib.sha256(Path(src).read_bytes()).hexdigest()
-
-def _skip_flags() -> list[str]:
-    with _in_project(project_root()): flags = get_config().tst_flags
-    return flags.split() if isinstance(flags, str) else list(flags or [])
-
-def execute_notebook(src: Path, dst: Path, skip_flags: list[str] | None = None) -> tuple[bool, float, str]:
-    """Execute notebook `src` as `nbdev-test` does and write it, outputs kept, to `dst`.
-    Returns `(passed, seconds, error)`; a failing notebook is written too, with its outputs up to the failure."""
-    from execnb.shell import CaptureShell
-    from fastcore.xtras import working_directory
-    from nbdev.process import NBProcessor
-    from nbdev.test import _skip_cell
-    src, dst = Path(src).absolute(), Path(dst)
-    skip = _skip_cell(nb := NBProcessor(src, rm_directives=False, process=True).nb,
-                      _skip_flags() if skip_flags is None else skip_flags, None)
-    shell, start, error = CaptureShell(src), time.time(), ""
-    old = os.environ.get("IN_TEST"); os.environ["IN_TEST"] = "1"
-    try:
-        with working_directory(src.parent): shell.run_all(nb, exc_stop=True, preproc=skip)
-    except Exception:
-        error = shell.prettytb(fname=src) or f"{src.name}: failed"
-    finally:
-        if old is None: os.environ.pop("IN_TEST", None)
-        else: os.environ["IN_TEST"] = old
-    skipped = [cell.cell_type == "code" and bool(skip(cell)) for cell in nb.cells]
-    for cell, was_skipped in zip(nb.cells, skipped):  # nbdev/execnb bookkeeping (`directives_`, timings) is not nbformat
-        for k in [k for k in cell if k not in _CELL_KEYS]: del cell[k]
-        cell.get("metadata", {}).pop("execution", None)
-        if was_skipped: cell.setdefault("metadata", {})["skipped"] = True
-    nb.metadata["adapterlab"] = {"source_sha256": _source_hash(src), "passed": not error}
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    write_nb(nb, dst)
-    return not error, time.time() - start, error
-
-
-# %% ../../nbs/15_docs.ipynb #c8daaed9
-_CHECKS = re.compile(r"^(test_\w*|assert\w*|_?check\w*)$")
-
-def _is_example(cell) -> bool:
-    "A code cell that ran, exports nothing and ends in an expression that is not a check call (nor ends with `;`)."
-    if cell.cell_type != "code" or cell.get("metadata", {}).get("skipped"): return False
-    src = cell.source if isinstance(cell.source, str) else "".join(cell.source)
-    body = [l for l in src.splitlines() if not l.lstrip().startswith("#|")]
-    if any(re.match(r"^\s*#\|\s*(export|exporti|exports|hide)\b", l) for l in src.splitlines()): return False
-    try: tree = ast.parse("\n".join(body))
-    except SyntaxError: return False
-    if not tree.body or not isinstance(last := tree.body[-1], ast.Expr) or "\n".join(body).rstrip().endswith(";"):
-        return False
-    fn = last.value.func if isinstance(last.value, ast.Call) else None
-    name = fn.id if isinstance(fn, ast.Name) else fn.attr if isinstance(fn, ast.Attribute) else ""
-    return not _CHECKS.match(name or "")
-
-def missing_outputs(nb_path: Path) -> list[str]:
-    "`NOTEBOOK: cell N: first line` for every example cell of the executed notebook that has no output."
-    nb = read_nb(nb_path)
-    return [f"{Path(nb_path).name}: cell {i}: {(c.source.splitlines() or [''])[-1][:60]!r} shows no output"
-            for i, c in enumerate(nb.cells) if _is_example(c) and not c.get("outputs")]
-
-
-# %% ../../nbs/15_docs.ipynb #83015c3c
-def _is_check(cell) -> bool:
-    src = cell.source if isinstance(cell.source, str) else "".join(cell.source)
-    return cell.cell_type == "code" and bool(re.search(r"^\s*(assert\b|test_\w+\(|test_fail\()", src, re.M))
-
-def literate_gaps(nb_path: Path) -> list[str]:
-    """`NOTEBOOK: cell N: def …` for every export cell with no example (a code cell that shows something) and no check
-    (`assert`/`test_*`) between it and the next export cell: the fastcore style is definition, example, check."""
-    nb, gaps = read_nb(nb_path), []
-    cells = nb.cells
-    exports = [i for i, c in enumerate(cells) if c.cell_type == "code" and re.match(r"^\s*#\|\s*export\b", c.source or "")]
-    for k, i in enumerate(exports):
-        following = cells[i + 1:exports[k + 1] if k + 1 < len(exports) else len(cells)]
-        code = [c for c in following if c.cell_type == "code" and c.source.strip()]
-        if not any(_is_check(c) for c in code) or not any(not _is_check(c) or "print(" in c.source for c in code):
-            defs = re.findall(r"^(?:def|class) (\w+)", cells[i].source, re.M)
-            if defs: gaps.append(f"{Path(nb_path).name}: cell {i}: {', '.join(defs)}")
-    return gaps
-
-
-# %% ../../nbs/15_docs.ipynb #20efc1a8
-def executed_copy(src: Path, out: Path | None = None, execute: bool = True) -> Path | None:
-    "The executed copy of module notebook `src` made from its current source; executed now if there is none and `execute`."
-    dst = Path(out or executed_dir()) / Path(src).name
-    if dst.exists() and read_nb(dst).metadata.get("adapterlab", {}).get("source_sha256") == _source_hash(src):
-        return dst
-    if not execute: return None
-    execute_notebook(src, dst)
-    return dst
-
-def execute_modules(nbs: Path | None = None, out: Path | None = None, names: list[str] | None = None) -> list[str]:
-    "Execute the module notebooks of `nbs` (or those named) into `out`, one after the other; prints timings, returns the failures."
-    with _in_project(project_root()): nbs = Path(nbs or get_config().nbs_path)
-    failures = []
-    for src in module_notebooks(nbs):
-        if names and src.stem not in names and page_name(src) not in names: continue
-        ok, secs, err = execute_notebook(src, Path(out or executed_dir()) / src.name)
-        print(f"{src.name}: {'ok' if ok else 'FAILED'} ({secs:.0f}s)", flush=True)
-        if not ok: failures.append(err)
-    return failures
-
 
 # %% ../../nbs/15_docs.ipynb #7775e92b
 def index_markdown(index_nb: Path, link_prefix: str = "nbs/", ext: str | None = None) -> str:
