@@ -22,6 +22,7 @@ from .config import AdapterlabError, Config, config_to_dict, redact_secrets
 from .models import ModelSource, load_tokenizer, portable_name, sha256_file
 from .provenance import (base_model_provenance, dataset_provenance, git_state, hardware_info, model_card,
                                    package_versions)
+from .report import write_json
 from .signing import SIGNATURE_FILE, check_signature, record_artifact, sign_folder
 
 # %% auto #0
@@ -147,9 +148,9 @@ def write_artifact(run_dir: str | Path, model, cfg: Config, *, metrics: dict, ba
             "base_model": base_model_provenance(base), "datasets": dataset_provenance(data_files or {}),
             "adapter": {k: adapter_cfg.get(k) for k in ADAPTER_RECORD_KEYS},
             "git": git_state(), "packages": package_versions(), "hardware": hardware_info(), **(extra or {})})
-        (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_json(tmp / "metadata.json", meta)
         (tmp / "training_config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
-        (tmp / "training_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_json(tmp / "training_metrics.json", metrics)
         (tmp / "README.md").write_text(model_card(meta, cfg_dict, metrics))  # replaces PEFT's template card
         _write_checksums(tmp)
         signer = sign_folder(tmp)  # OpenSSF model signing with the local key (adapterlab.signing)

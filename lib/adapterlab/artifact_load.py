@@ -15,6 +15,7 @@ import yaml
 
 from .artifact import _LORA_KEY, ArtifactError, _write_checksums, verify_artifact
 from .config import redact_secrets
+from .report import write_json
 from .signing import RUN_RECORD, check_signature, record_artifact, record_problems, sign_folder
 
 # %% auto #0
@@ -113,8 +114,7 @@ def update_artifact_metrics(path: str | Path, updates: dict) -> dict:
     metrics = json.loads((folder / "training_metrics.json").read_text())
     metrics.update(redact_secrets(updates))
     tmp = folder / ".training_metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    tmp.replace(folder / "training_metrics.json")
+    write_json(tmp, metrics).replace(folder / "training_metrics.json")
     _write_checksums(folder)
     signer = sign_folder(folder)
     if (folder.parent / RUN_RECORD).exists():

@@ -23,6 +23,7 @@ from fastcore.nbio import read_nb, write_nb
 from nbdev.config import get_config
 
 from .config import project_root
+from .report import escape_cell, markdown_table
 from .docs_process import (_frontmatter, _in_project, _re_nb_link, DocsBuildError, execute_modules,
                                      executed_copy, executed_dir, literate_gaps, missing_outputs, module_notebooks,
                                      note_cell, page_name, process_cached, process_notebook, relink, stage_notebooks)
@@ -188,9 +189,9 @@ def parameters_markdown() -> str:
         if meta.get("choices"): return " / ".join(f"`{c}`" for c in meta["choices"])
         parts = [f"{op} {meta[k]}" for k, op in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<")) if meta.get(k) is not None]
         return ", ".join(parts)
-    cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")
+    cell = escape_cell
     out = ["# Parameters", "",
-           "Every key of the schema (`nbs/00_config.ipynb`), with its default from `params/defaults.yaml`. Any layer may set any "
+           "Every key of the schema (`nbs/25_schema.ipynb`), with its default from `params/defaults.yaml`. Any layer may set any "
            "key: defaults ← experiment (`params/experiments/`) ← hardware profile (`params/hw/`) ← `--set`; the last column names "
            "the shipped files that do. Generated from the schema by `adapterlab docs build`.", ""]
     hints = typing.get_type_hints(Config)
@@ -203,11 +204,10 @@ def parameters_markdown() -> str:
             sub = typing.get_type_hints(tp)
             rows = [(f"{f.name}.{g.name}", sub[g.name], g.metadata) for g in dataclasses.fields(tp)]
             out += [f"## `{f.name}`: {f.metadata.get('doc', '')}", ""]
-        out += ["| key | type | default | range | meaning | set by |", "|---|---|---|---|---|---|"]
-        for dotted, t, meta in rows:
-            out.append(f"| `{dotted}` | {cell(_type_name(t))} | `{cell(json.dumps(default(dotted)))}` | {cell(rng(meta))} | "
-                       f"{cell(meta.get('doc', ''))} | {cell(', '.join(_set_by(dotted, layers)) or 'defaults only')} |")
-        out.append("")
+        out += [markdown_table(["key", "type", "default", "range", "meaning", "set by"],
+                               [(f"`{dotted}`", cell(_type_name(t)), f"`{cell(json.dumps(default(dotted)))}`", cell(rng(meta)),
+                                 cell(meta.get('doc', '')), cell(', '.join(_set_by(dotted, layers)) or 'defaults only'))
+                                for dotted, t, meta in rows]), ""]
     return "\n".join(out)
 
 

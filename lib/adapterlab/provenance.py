@@ -18,6 +18,7 @@ from typing import Iterable
 import adapterlab
 from .config import AdapterlabError, project_root
 from .models import ModelSource, model_weight_files, portable_name, sha256_file
+from .report import markdown_table
 
 # %% auto #0
 __all__ = ['LORA_MARKERS', 'PROVENANCE_PACKAGES', 'tensor_sha256', 'is_adapter_param', 'base_checksums', 'compare_checksums',
@@ -168,7 +169,7 @@ def model_card(meta: dict, cfg: dict, metrics: dict) -> str:
     data = "\n".join(f"- `{d['file']}` ({d['role']}): {d['examples']} examples, sha256 `{d['sha256'][:16]}…`"
                      for d in meta.get("datasets", [])) or "- (not recorded)"
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in shown.items())
+    metrics_table = markdown_table(["metric", "value"], shown.items())
     return f"""---
 base_model: {base}
 library_name: peft
@@ -199,9 +200,7 @@ Research on the `{cfg['experiment']}` task; see the training data below. Not eva
 | seed | {cfg['seed']} |
 
 ## Metrics
-| metric | value |
-|---|---|
-{rows}
+{metrics_table}
 
 ## How to load
 ```python

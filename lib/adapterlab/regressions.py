@@ -17,7 +17,7 @@ from pathlib import Path
 from . import heads as H
 from .regression_checks import (REGISTRY, CheckInputs, RegressionCheck, check_inputs, get_check,
                                           guard_removed, run_inputs)
-from .skeleton import markdown_table, write_json
+from .report import escape_cell, markdown_table, write_json
 
 # %% auto #0
 __all__ = ['CheckResult', 'run_check', 'run_registry', 'results_table', 'results_json', 'RegressionFailure', 'failures',
@@ -76,20 +76,16 @@ def run_registry(inputs: CheckInputs, checks: tuple[RegressionCheck, ...] = REGI
     return [run_check(c, inputs, prove_guards) for c in checks]
 
 # %% ../../nbs/08_regressions.ipynb #78505800
-def _cell(text: str, limit: int = 220) -> str:
-    text = text.replace("|", "\\|").replace("\n", " ")
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
 def results_table(results: list[CheckResult]) -> str:
     "Markdown: check, original error, reproduced?, guarded?, fails without its guard?, and the evidence."
     yes = lambda ok: "✅ yes" if ok else "❌ NO"
     rows = []
     for r in results:
         needed = ("—" if r.guards_needed is None else
-                  "; ".join(f"{yes(v['failed'])} `{g.rsplit('.', 1)[1]}` removed → {_cell(v['error'], 120) or 'still passed'}"
+                  "; ".join(f"{yes(v['failed'])} `{g.rsplit('.', 1)[1]}` removed → {escape_cell(v['error'], 120) or 'still passed'}"
                             for g, v in r.without_guard.items()))
-        rows.append((r.id, r.seed, f"`{_cell(r.original_error, 120)}`", f"{yes(r.reproduced)} `{_cell(r.reproduced_error, 160)}`",
-                     f"{yes(r.guarded)} {_cell(r.guarded_evidence)}", needed))
+        rows.append((r.id, r.seed, f"`{escape_cell(r.original_error, 120)}`", f"{yes(r.reproduced)} `{escape_cell(r.reproduced_error, 160)}`",
+                     f"{yes(r.guarded)} {escape_cell(r.guarded_evidence, 220)}", needed))
     return markdown_table(["check", "seed", "original error", "reproduced? (today's error)", "guarded? (evidence)",
                            "fails without its guard?"], rows)
 

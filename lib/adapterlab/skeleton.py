@@ -18,28 +18,12 @@ from .config import Config, check_hardware
 from .provenance import (BaseModifiedError, base_checksums, check_only_adapter_trainable, compare_checksums,
                                    digest_of)
 from .plan import gib
+from .report import markdown_table, write_json
 
 # %% auto #0
-__all__ = ['TRAINABLE_KEYS', 'write_json', 'fmt_cell', 'markdown_table', 'seed_everything', 'prepare_training',
-           'distributed_state', 'metrics_callback', 'read_metrics', 'summarize_training', 'latest_checkpoint',
-           'plot_loss', 'close_figure', 'record_memory', 'memory_table', 'TrainingSkeleton', 'verification_rows',
-           'checks_table', 'verification_table']
-
-# %% ../../nbs/20_skeleton.ipynb #bf6885be
-def write_json(path: str | Path, obj) -> Path:
-    "`obj` as indented JSON, ending with a newline."
-    path = Path(path)
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    return path
-
-def fmt_cell(v) -> str:
-    "A table cell as a reader wants it: floats to 4 significant digits, everything else as it is."
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-def markdown_table(header: list[str], rows: list) -> str:
-    "A Markdown table (cells through `fmt_cell`)."
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(fmt_cell(v) for v in row) + " |" for row in rows])
+__all__ = ['TRAINABLE_KEYS', 'seed_everything', 'prepare_training', 'distributed_state', 'metrics_callback', 'read_metrics',
+           'summarize_training', 'latest_checkpoint', 'plot_loss', 'close_figure', 'record_memory', 'memory_table',
+           'TrainingSkeleton', 'verification_rows', 'checks_table', 'verification_table']
 
 # %% ../../nbs/20_skeleton.ipynb #8d958cd4
 def seed_everything(seed: int, deterministic: bool) -> None:
