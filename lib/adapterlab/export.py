@@ -347,7 +347,7 @@ def _context(cfg) -> int:
 
 def check_export(artifact: str | Path, export_dir: str | Path, max_examples: int | None = None) -> dict:
     "Identical-answer rate of each GGUF in `export_dir` (llama.cpp) against PEFT on the artifact's eval prompts."
-    from adapterlab.artifact import load_verified_adapter
+    from adapterlab.artifact_load import load_verified_adapter
     from adapterlab.eval import generate_predictions, load_eval_examples
     from adapterlab.models import load_base_model
     from adapterlab.serve import serving_config
