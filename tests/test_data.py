@@ -16,9 +16,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 
 from adapterlab.config import project_root, resolve_config
-from adapterlab.data import (DataError, Example, add_cli, check_files, chi2_sf, count_tokens, load_examples,
-                             load_prepared, normalise_record, prepare_data, read_source, sampler_check,
-                             to_prompt_completion, weighted_sampler)
+from adapterlab.formats import DataError, Example, normalise_record, to_prompt_completion
+from adapterlab.readers import count_tokens, load_examples, read_source
+from adapterlab.data import add_cli, check_files, chi2_sf, load_prepared, prepare_data, sampler_check, weighted_sampler
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 JSON_LINE = re.compile(r"^(malformed\.jsonl:\d+: \(json\): not valid JSON: ).+ at column \d+$")
