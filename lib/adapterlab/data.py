@@ -275,10 +275,16 @@ def _check_thresholds(cfg: Config, train_in: ReadResult, eval_in: ReadResult | N
         if share > limit:
             raise DataError(_problems_message(
                 f"{r.name}: {len(r.bad)} of {r.records} records rejected ({share:.1%}) > data.max_reject_fraction "
-                f"{limit:.1%}; all reasons in {data_dir / 'rejects.jsonl'}:", r.bad), r.bad)
+                f"{limit:.1%}; first: {_first(r)}; all reasons in {data_dir / 'rejects.jsonl'}:", r.bad), r.bad)
     if not train:
-        raise DataError(f"{train_in.name}: no usable training records ({train_in.records} records read); "
-                        f"see {data_dir / 'rejects.jsonl'}")
+        raise DataError(f"{train_in.name}: no usable training records ({train_in.records} records read"
+                        + (f"; first: {_first(train_in)}" if train_in.rejects else "")
+                        + f"); see {data_dir / 'rejects.jsonl'}")
+
+def _first(r: ReadResult) -> str:
+    "The first record left out, `line N: field: problem` (or `row N: ...`): the message names the file already."
+    x = (r.bad or r.rejects)[0]
+    return f"{'line ' if isinstance(x.line, int) else ''}{x.line}: {x.field}: {x.problem}"
 
 def load_prepared(run_dir: str | Path) -> PreparedData:
     "The data stage's outputs, as datasets."

@@ -21,8 +21,9 @@ from urllib.parse import parse_qs
 
 import adapterlab
 from .config import project_root
-from .formats import (DataError, Example, RecordProblem, Reject, _problems_message, _text, check_clean,
-                                decode_line, iter_lines, normalise_record, parse_object)
+from .formats import (FORMAT_MARKERS, DataError, Example, RecordProblem, Reject, _problems_message, _text,
+                                canonical_format, check_clean, decode_line, detect_format, iter_lines, normalise_record,
+                                parse_object)
 
 # %% auto #0
 __all__ = ['SAMPLE_PREFIX', 'CHROMA_PREFIX', 'LINE_SUFFIXES', 'TABLE_BUILDERS', 'HUB_PREFIX', 'CITE_INSTRUCTION',
@@ -240,7 +241,13 @@ def load_table(spec: str | Path, name: str):
                             f"{', '.join(LINE_SUFFIXES + tuple(TABLE_BUILDERS))} files and save_to_disk folders")
         check_data_file(path, name, {".tsv": "csv"}.get(path.suffix.lower(), builder))
         kw = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-        try: return datasets.load_dataset(builder, data_files=str(path), split="train", **kw)
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kw)
+            if builder == "json" and ds.num_rows == 1 and len(ds.column_names) == 1:  # {"data": [records]}: the list
+                (key,), value = ds.column_names, ds[0][ds.column_names[0]]
+                if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+                    ds = datasets.load_dataset(builder, data_files=str(path), split="train", field=key)
+            return ds
         except Exception as e:
             if "corresponds to no data" in str(e):  # a CSV with its header only
                 raise DataError(f"{name}: no records (a header, no rows)") from None
@@ -263,10 +270,21 @@ def read_table(spec: str | Path, *, name: str | None = None, format: str = "auto
     ds = load_table(spec, result.name)
     opts = dict(format=format, system_prompt=system_prompt, tokenizer=tokenizer, max_length=max_length,
                 too_long=too_long, max_weight=max_weight)
+    auto = canonical_format(format) == "auto"
+    if auto and ds.num_rows and not any(c in FORMAT_MARKERS or c == "rejected" for c in ds.column_names):
+        raise DataError(f"{result.name}: (columns): no column names a format adapterlab reads (columns: "
+                        f"{', '.join(ds.column_names)}); expected 'text', 'messages', 'conversations', 'prompt'+'completion', "
+                        "'chosen'+'rejected', 'instruction'+'output' or 'query'+'response'+'weight': rename the columns "
+                        "(e.g. question → prompt, answer → completion) or set data.format")
     for n, row in enumerate(ds, 1):
         result.lines += 1
-        rec = _drop_nulls(dict(row))
-        _add_record(result, f"row {n}", rec, json.dumps(rec, ensure_ascii=False, default=str), opts)
+        rec, row_opts = _drop_nulls(dict(row)), opts
+        if auto:   # an empty cell in a format's own column is that field missing, not an unknown format
+            try: detect_format(rec)
+            except RecordProblem:
+                try: row_opts = {**opts, "format": detect_format(dict(row))}
+                except RecordProblem: pass
+        _add_record(result, f"row {n}", rec, json.dumps(rec, ensure_ascii=False, default=str), row_opts)
     return _no_records(result)
 
 def source_sha256(path: str | Path) -> str:
