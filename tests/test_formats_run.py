@@ -293,3 +293,14 @@ def test_a_run_on_a_file_with_too_many_bad_lines_exits_2_in_one_line_and_keeps_t
     rejects = [json.loads(l) for l in (run / "data" / "rejects.jsonl").read_text().splitlines()]
     assert [(r["line"], r["field"]) for r in rejects] == [(2, "(json)"), (3, "messages[1].role")]
     assert json.loads((run / "status.json").read_text())["stages"]["data"]["status"] == "failed"
+
+
+def test_data_convert_reads_a_file_named_from_the_current_folder(tmp_path, monkeypatch):
+    "`adapterlab data convert FILE OUT` in the user's own folder, as `data check` does (not relative to the project)."
+    from adapterlab.cli import main
+    write_user_file(tmp_path, "extra_columns.csv")
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "convert", "extra_columns.csv", "out.jsonl"]) == 0
+    first = json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])
+    assert first["messages"][-1] == {"role": "assistant", "content": "cold"}
+    assert {k: first[k] for k in ("id", "source", "score")} == {"id": 0, "source": "wiki", "score": 0.5}  # kept in meta

@@ -309,9 +309,8 @@ def check_files(paths: Sequence[str], *, format: str = "auto", tokenizer=None, m
     out, err = out or sys.stdout, err or sys.stderr
     n_bad = n_records = n_fatal = 0
     for p in paths:
-        local = not p.startswith((SAMPLE_PREFIX, CHROMA_PREFIX, HUB_PREFIX)) and os.path.lexists(p)
         try:  # a path on the command line is relative to the current folder, and named as typed
-            r = read_source(os.path.abspath(p) if local else p, name=p, format=format, tokenizer=tokenizer, max_length=max_length, too_long=too_long,
+            r = read_source(_from_cwd(p), name=p, format=format, tokenizer=tokenizer, max_length=max_length, too_long=too_long,
                             max_weight=max_weight)
         except DataError as e:
             print(str(e) if str(e).startswith(p) else f"{p}: {e}", file=out)
@@ -330,6 +329,11 @@ def check_files(paths: Sequence[str], *, format: str = "auto", tokenizer=None, m
     print(f"checked {n_records} records in {len(paths)} source(s): {n_bad} bad"
           + (f", {n_fatal} unreadable" if n_fatal else ""), file=err)
     return 2 if n_fatal else 1 if n_bad else 0
+
+def _from_cwd(p: str) -> str:
+    "A path typed on the command line, relative to the current folder when it exists there (data specs are not)."
+    local = not p.startswith((SAMPLE_PREFIX, CHROMA_PREFIX, HUB_PREFIX)) and os.path.lexists(p)
+    return os.path.abspath(p) if local else p
 
 def _data_check(args) -> int:
     from adapterlab.config import resolve_config
@@ -355,7 +359,7 @@ def convert(source: str, out: str | Path, *, format: str = "auto", strict: bool 
 def _data_convert(args) -> int:
     from adapterlab.config import resolve_config
     cfg, _ = resolve_config(args.experiment, args.hw, args.set)
-    n = convert(args.source, args.out, format=args.format or cfg.data.format, strict=not args.skip_bad,
+    n = convert(_from_cwd(args.source), args.out, format=args.format or cfg.data.format, strict=not args.skip_bad,
                 max_weight=cfg.data.max_weight)
     print(f"{args.out}: {n} examples", file=sys.stderr)
     return 0

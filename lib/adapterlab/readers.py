@@ -271,6 +271,10 @@ def read_table(spec: str | Path, *, name: str | None = None, format: str = "auto
     opts = dict(format=format, system_prompt=system_prompt, tokenizer=tokenizer, max_length=max_length,
                 too_long=too_long, max_weight=max_weight)
     auto = canonical_format(format) == "auto"
+    text_table = Path(str(spec)).suffix.lower() in (".csv", ".tsv")
+    if text_table and len(ds.column_names) == 1 and (sep := next((s for s in ";|," if s in ds.column_names[0]), None)):
+        raise DataError(f"{result.name}: (columns): one column named {ds.column_names[0]!r}: the header looks "
+                        f"{sep!r}-separated; adapterlab reads comma-separated .csv and tab-separated .tsv files")
     if auto and ds.num_rows and not any(c in FORMAT_MARKERS or c == "rejected" for c in ds.column_names):
         raise DataError(f"{result.name}: (columns): no column names a format adapterlab reads (columns: "
                         f"{', '.join(ds.column_names)}); expected 'text', 'messages', 'conversations', 'prompt'+'completion', "
@@ -284,6 +288,9 @@ def read_table(spec: str | Path, *, name: str | None = None, format: str = "auto
             except RecordProblem:
                 try: row_opts = {**opts, "format": detect_format(dict(row))}
                 except RecordProblem: pass
+        if text_table and isinstance(rec.get("weight"), str):   # CSV cells are text: "10" is the number 10
+            try: rec["weight"] = float(rec["weight"])
+            except ValueError: pass                             # left as it is: the weight check names it
         _add_record(result, f"row {n}", rec, json.dumps(rec, ensure_ascii=False, default=str), row_opts)
     return _no_records(result)
 
