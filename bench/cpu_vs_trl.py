@@ -124,7 +124,8 @@ def load_everything(arm: str, experiment: str = "json_contacts", hw: str = "cpu"
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from adapterlab.config import resolve_config
-    from adapterlab.data import load_examples, to_prompt_completion
+    from adapterlab.formats import to_prompt_completion
+    from adapterlab.readers import load_examples
     from adapterlab.models import load_base_model, load_tokenizer, resolve_model
     from adapterlab.precision import with_resolved_dtypes
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from adapterlab.config import resolve_config
-from adapterlab.data import DataError, check_files, prepare_data, read_source, sampler_check
+from adapterlab.formats import DataError
+from adapterlab.readers import read_source
+from adapterlab.data import check_files, prepare_data, sampler_check
 
 FORMATS = Path(__file__).parent / "fixtures" / "formats"
 SECRET = "root:x:0:0:this line must never be copied anywhere"

@@ -2,7 +2,6 @@
 the Chroma source, `adapterlab data check`, and the stage notebook."""
 import argparse
 import json
-import math
 import os
 import re
 import shutil
@@ -16,9 +15,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 
 from adapterlab.config import project_root, resolve_config
-from adapterlab.data import (DataError, Example, add_cli, check_files, chi2_sf, count_tokens, load_examples,
-                             load_prepared, normalise_record, prepare_data, read_source, sampler_check,
-                             to_prompt_completion, weighted_sampler)
+from adapterlab.formats import DataError, Example, normalise_record, to_prompt_completion
+from adapterlab.readers import count_tokens, load_examples, read_source
+from adapterlab.data import add_cli, check_files, chi2_sf, load_prepared, prepare_data, sampler_check, weighted_sampler
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 JSON_LINE = re.compile(r"^(malformed\.jsonl:\d+: \(json\): not valid JSON: ).+ at column \d+$")
@@ -373,15 +372,9 @@ def test_stage_notebook_writes_the_run_data(tmp_path):
     assert len(prep.train) == 216 and len(prep.val) == 24 and (run_dir / "params.yaml").exists()
 
 
-# --- every format trains (issue 14) -----------------------------------------------------------------------------------
+# --- the format fixtures (issue 14); each format trains: tests/test_formats_run.py ------------------------------------
 
 FORMATS_DIR = Path(__file__).parent / "fixtures" / "formats"
-FORMAT_CASES = [  # fixture (tests/fixtures/formats, written by make_formats.py), the format auto-detection must find
-    ("text.jsonl", "text"), ("messages.jsonl", "messages"), ("sharegpt.json", "sharegpt"),
-    ("prompt_completion.parquet", "prompt_completion"), ("prompt_completion_conversational.jsonl", "prompt_completion"),
-    ("preference.jsonl", "preference"), ("preference_implicit.jsonl", "preference"), ("alpaca.csv", "instruction"),
-    ("feedback.jsonl", "feedback"), ("messages_saved", "messages"),
-]
 
 
 def test_format_fixtures_are_what_their_generator_writes(tmp_path):
@@ -394,48 +387,6 @@ def test_format_fixtures_are_what_their_generator_writes(tmp_path):
     assert Dataset.from_parquet(str(tmp_path / "prompt_completion.parquet")).to_list() == \
         Dataset.from_parquet(str(FORMATS_DIR / "prompt_completion.parquet")).to_list()
     assert load_from_disk(str(tmp_path / "messages_saved")).to_list() == load_from_disk(str(FORMATS_DIR / "messages_saved")).to_list()
-
-
-@pytest.fixture(scope="module")
-def base_model():
-    from adapterlab.models import load_base_model
-    cfg, _ = resolve_config("ci", "cpu")
-    model, tokenizer, _ = load_base_model(cfg)
-    return model, tokenizer
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("fixture, fmt", FORMAT_CASES, ids=[c[0] for c in FORMAT_CASES])
-def test_each_format_normalises_and_trains(tmp_path, base_model, fixture, fmt):
-    """Each format's fixture through the data stage and two real optimizer steps of the train module's trainer on
-    the embedded model: the LoRA weights move, the loss is finite, and every assistant turn is a training row."""
-    import torch
-    from adapterlab.compat import build_sft_trainer
-    from adapterlab.train import attach_lora, sft_settings, trainer_class
-    base, tok = base_model
-    cfg = cfg_for(tmp_path, f"data.train={FORMATS_DIR / fixture}", f"data.eval={FORMATS_DIR / 'eval.jsonl'}",
-                  "data.val_fraction=0", "train.max_steps=2", "hw.batch_size=4", "hw.grad_accum=1")
-    prep = prepare_data(cfg, tmp_path / "run", tok)
-    st = prep.stats
-    assert st["inputs"]["train"]["formats"] == {fmt: st["inputs"]["train"]["records"]} and st["inputs"]["train"]["rejected"] == 0
-    assert len(prep.train) == st["split"]["train_turns"] >= st["split"]["train"] >= 24
-    rows = prep.train.to_list()
-    assert all(r["completion"][0]["role"] == "assistant" and r["prompt"][-1]["role"] != "assistant" for r in rows)
-    model = attach_lora(base, cfg)
-    try:
-        settings = {**sft_settings(cfg, tmp_path / "run"), "save_strategy": "no", "logging_steps": 1, "report_to": []}
-        trainer = build_sft_trainer(model, tok, prep.train, settings, trainer_cls=trainer_class(cfg, prep.train))
-        lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
-        out = trainer.train()
-        assert trainer.state.global_step == 2 and math.isfinite(out.training_loss) and out.training_loss > 0
-        assert any(not torch.equal(p, lora_b[n]) for n, p in model.named_parameters() if n in lora_b)
-        if fixture == "messages.jsonl":   # multi-turn: the second turn's row has the first exchange as its prompt
-            second = next(r for r in rows if len(r["prompt"]) == 4)
-            assert [m["role"] for m in second["prompt"]] == ["system", "user", "assistant", "user"]
-            assert second["prompt"][1]["name"] == "ann"
-    finally:
-        model.unload()                    # the shared base model, without this test's adapter, for the next format
-
 
 def test_convert_writes_normalised_records_that_read_back(tmp_path):
     out = tmp_path / "sharegpt.jsonl"

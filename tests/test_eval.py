@@ -17,7 +17,7 @@ import sacrebleu
 from rouge_score import rouge_scorer
 
 from adapterlab.config import ConfigError, make_run_dir, resolve_config, save_config
-from adapterlab.data import Example
+from adapterlab.formats import Example
 from adapterlab.eval import (METRICS, EvalDataError, check_metric_inputs, cited_ids, compare, evaluate_run,
                              generate_predictions, is_refusal, load_eval_examples, load_json_schema, load_metric_module,
                              load_predictions, metric_stats, paired_bootstrap, parse_json_answer, per_example,
@@ -378,7 +378,7 @@ def test_evaluate_run_refuses_a_tampered_artifact(trained_run, tmp_path):
 
 def test_default_metrics_fit_a_plain_text_task():
     "The defaults on a plain-text eval set report no JSON metric (it used to say json_validity 0 vs 0), and say why."
-    from adapterlab.data import load_examples
+    from adapterlab.readers import load_examples
     from adapterlab.eval import select_metrics
     cfg, _ = resolve_config("ci", "cpu")
     plain = load_examples(Path(__file__).parent / "fixtures" / "formats" / "eval.jsonl")

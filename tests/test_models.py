@@ -113,7 +113,7 @@ def test_uncached_hub_id_offline_says_so(monkeypatch):
 def test_generation_stops_on_the_templates_end_of_turn_token(tmp_path, tokenizer_dir):
     """A template whose turns end with a token that is not the tokenizer's eos: eval's generation must stop there.
     The model is made to answer that token at once (final norm zeroed: all logits 0, greedy picks id 0)."""
-    from adapterlab.data import Example
+    from adapterlab.formats import Example
     from adapterlab.eval import generate_predictions
     folder = tiny_llama(tmp_path / "base", tokenizer_dir, keep_template=False)
     template = tmp_path / "turns.jinja"

@@ -15,7 +15,8 @@ import torch
 from adapterlab.artifact import ArtifactError, verify_artifact
 from adapterlab.artifact_load import load_verified_adapter
 from adapterlab.config import ConfigError, open_run, resolve_config
-from adapterlab.data import DataError, write_jsonl
+from adapterlab.formats import DataError
+from adapterlab.data import write_jsonl
 from adapterlab.models import load_base_model, load_tokenizer, resolve_model, sha256_file
 from adapterlab.preference import (add_cli, compare_on_eval, pairs_from_queue, prepare_pairs, read_pairs,
                                    run_preference, with_artifact_lora)
@@ -50,7 +51,7 @@ def test_sample_pairs_and_bad_lines(tmp_path):
     assert len(pairs) == 60 and all(p.chosen != p.rejected for p in pairs)
     assert all(json.loads(p.chosen).keys() == {"name", "age", "city", "job"} for p in pairs)
     # the pairs come from the train split, never from the eval prompts
-    from adapterlab.data import load_examples
+    from adapterlab.readers import load_examples
     eval_prompts = {e.messages[-2]["content"] for e in load_examples("sample:json_contacts/eval.jsonl")}
     assert not eval_prompts & {p.prompt[-1]["content"] for p in pairs}
     bad = tmp_path / "bad.jsonl"

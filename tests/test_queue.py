@@ -15,7 +15,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 
 from adapterlab.config import resolve_config
-from adapterlab.data import DataError, load_examples
+from adapterlab.formats import DataError
+from adapterlab.readers import load_examples
 from adapterlab.queue import (QueueError, add_cli, append_records, archive_consumed, archive_dir, feedback_record,
                               marker_path, queue_path, queue_status, read_queue, running_training, start_training,
                               training_status, wait_for_training)

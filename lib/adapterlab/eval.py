@@ -22,7 +22,8 @@ import numpy as np
 
 from .config import (AdapterlabError, Config, ConfigError, Layer, build_dataclass, config_to_dict, load_run_config,
                                merge_layers, overrides_layer, runs_root)
-from .data import Example, load_examples, resolve_data_path
+from .formats import Example
+from .readers import load_examples, resolve_data_path
 
 # %% auto #0
 __all__ = ['CONTEXT_FIELD', 'SOURCES_FIELD', 'SOURCES_ALIASES', 'METRICS', 'RECORD_FIELDS', 'AUTO_METRICS', 'TEXT_METRICS',

@@ -319,7 +319,7 @@ def align_targets(values: list[float], size: int, rule: str, where: str = "") ->
 # %% ../../nbs/07_heads.ipynb #69337cfd
 def read_records(path: str | Path) -> list[tuple[str, dict]]:
     "`(file:line, record)` for each line of a JSONL file."
-    from adapterlab.data import resolve_data_path
+    from adapterlab.readers import resolve_data_path
     path = resolve_data_path(path)
     out = []
     with open(path, encoding="utf-8") as f:
@@ -495,7 +495,7 @@ def prepare_heads_data(cfg: Config, heads: HeadsConfig, run_dir: str | Path, tok
     val = encode_records(read_records(files["val"]), heads)[0] if n_val else []
     evaluation = []
     if cfg.data.eval:
-        from adapterlab.data import resolve_data_path
+        from adapterlab.readers import resolve_data_path
         files["eval"] = resolve_data_path(cfg.data.eval)
         evaluation = encode_records(read_records(files["eval"]), heads)[0]
     stats = {"read": n_read, "rejected": rejected, **length_stats, "train": len(train), "val": len(val),

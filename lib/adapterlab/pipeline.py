@@ -98,7 +98,7 @@ def environment_lock() -> str:
 def write_provenance(cfg: Config, run_dir: Path) -> dict:
     "`provenance.json` and `environment.txt`: what a reader needs to repeat this run."
     from adapterlab.provenance import git_state, hardware_info, package_versions
-    from adapterlab.data import resolve_data_path, source_sha256
+    from adapterlab.readers import resolve_data_path, source_sha256
     from adapterlab.models import sha256_file
     data = {}
     for role in ("train", "eval"):

@@ -19,9 +19,10 @@ from .artifact import ArtifactError
 from .artifact_load import load_verified_adapter
 from .compat import build_dpo_trainer, sft_settings
 from .config import Config
-from .data import (DataError, Example, RecordProblem, Reject, check_clean, count_tokens, decode_line,
-                             explicit_prompt,
-                             display_name, iter_lines, normalise_record, parse_object, resolve_data_path, write_jsonl)
+from .formats import (DataError, Example, RecordProblem, Reject, check_clean, decode_line, explicit_prompt,
+                                iter_lines, normalise_record, parse_object)
+from .readers import count_tokens, display_name, resolve_data_path
+from .data import write_jsonl
 from .models import load_base_model, sha256_file
 from .skeleton import (TrainingSkeleton, distributed_state, latest_checkpoint, markdown_table, metrics_callback,
                                  prepare_training, read_metrics, summarize_training, verification_table, write_json)

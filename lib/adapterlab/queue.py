@@ -22,7 +22,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from .config import AdapterlabError, Config, make_run_dir, project_root, resolve_config, save_config
-from .data import DataError, RecordProblem, normalise_record, parse_object
+from .formats import DataError, RecordProblem, normalise_record, parse_object
 
 # %% auto #0
 __all__ = ['CLASSES', 'WORKER_CODE', 'QueueError', 'queue_path', 'queue_lock', 'marker_path', 'archive_dir', 'class_weight',

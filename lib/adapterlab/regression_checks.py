@@ -86,7 +86,7 @@ class CheckInputs:
         "One batch of text for the TRL check: the heads records' text, else the causal-LM experiment's own examples."
         if self.heads is not None:
             return [rec[self.heads.text_field] for _, rec in self.records]
-        from adapterlab.data import load_examples
+        from adapterlab.readers import load_examples
         examples = load_examples(self.lm_cfg.data.train, system_prompt=self.lm_cfg.data.system_prompt)
         return ["\n".join(m["content"] for m in ex.messages) for ex in examples[:self.lm_cfg.hw.batch_size]]
 
