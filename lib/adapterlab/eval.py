@@ -20,9 +20,9 @@ from .data import Example
 from .metrics import *   # re-exported: `from adapterlab.eval import score` predates the split
 
 # %% auto #0
-__all__ = ['chat_prompt', 'completion_text', 'reference_nll', 'generation_kwargs', 'generate_predictions', 'table_cell',
-           'report_markdown', 'plot_metrics', 'eval_config', 'resolve_eval_run', 'find_artifact', 'latest_run_dir',
-           'check_metric_inputs', 'load_predictions', 'evaluate_run', 'add_cli']
+__all__ = ['chat_prompt', 'completion_text', 'reference_nll', 'generation_kwargs', 'generate_predictions', 'merged_adapter',
+           'table_cell', 'report_markdown', 'plot_metrics', 'eval_config', 'resolve_eval_run', 'find_artifact',
+           'latest_run_dir', 'check_metric_inputs', 'load_predictions', 'evaluate_run', 'add_cli']
 
 # %% ../../nbs/09_eval.ipynb #58433a1b
 def _device(model):
@@ -133,6 +133,25 @@ def generate_predictions(model, tokenizer, examples: Sequence[Example], cfg: Con
             rec[SOURCES_FIELD] = sources
         records.append(rec)
     return records
+
+# %% ../../nbs/09_eval.ipynb #19682da0
+from contextlib import contextmanager
+
+def _is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+                or getattr(getattr(model, "config", None), "quantization_config", None))
+
+@contextmanager
+def merged_adapter(model, enabled: bool = True):
+    "Inside the block `model` (a PEFT model) runs with its active adapter merged into unquantized base weights; yields whether it merged."
+    merge = enabled and hasattr(model, "merge_adapter") and not _is_quantized(model)
+    if merge:
+        model.merge_adapter()
+    try:
+        yield merge
+    finally:
+        if merge:
+            model.unmerge_adapter()
 
 # %% ../../nbs/09_eval.ipynb #a3c2c238
 def _fmt(x: float) -> str:
@@ -282,7 +301,8 @@ def evaluate_run(run_dir: str | Path, eval_spec: str | None = None, overrides: l
         base = generate_predictions(model, tokenizer, examples, cfg, desc="base")
     timings["base_seconds"] = round(time.time() - start, 2)
     start = time.time()
-    adapted = generate_predictions(model, tokenizer, examples, cfg, desc="adapter")
+    with merged_adapter(model) as merged:   # the last use of the model: one matmul per layer at each token
+        adapted = generate_predictions(model, tokenizer, examples, cfg, desc="adapter")
     timings["adapter_seconds"] = round(time.time() - start, 2)
 
     out_dir = run_dir / "eval"
@@ -295,7 +315,8 @@ def evaluate_run(run_dir: str | Path, eval_spec: str | None = None, overrides: l
         "base_model": cfg.model.base_model, "artifact": str(artifact.relative_to(run_dir)),
         "seed": cfg.seed, "bootstrap_samples": cfg.eval.bootstrap_samples, "json_schema": cfg.eval.json_schema,
         "generation": {"max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size,
-                       "do_sample": cfg.eval.do_sample, "temperature": cfg.eval.temperature if cfg.eval.do_sample else None},
+                       "do_sample": cfg.eval.do_sample, "temperature": cfg.eval.temperature if cfg.eval.do_sample else None,
+                       "adapter_merged": merged},
         "truncated": {"base": sum(not r["finished"] for r in base), "adapter": sum(not r["finished"] for r in adapted)},
         "timings": timings, "metrics": results, "metric_selection": {"asked": list(cfg.eval.metrics), **chosen_because},
         "base": {name: m["base"] for name, m in results.items()},
