@@ -137,14 +137,16 @@ def generate_predictions(model, tokenizer, examples: Sequence[Example], cfg: Con
 # %% ../../nbs/09_eval.ipynb #19682da0
 from contextlib import contextmanager
 
-def _is_quantized(model) -> bool:
-    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-                or getattr(getattr(model, "config", None), "quantization_config", None))
+def _merges_exactly(model) -> bool:
+    "Every weight an adapter would merge into is plain fp32 (a 4-bit base stores uint8, a bf16 one bf16)."
+    import torch
+    weights = [m.base_layer.weight for m in model.modules() if hasattr(m, "base_layer") and hasattr(m.base_layer, "weight")]
+    return bool(weights) and all(w.dtype == torch.float32 for w in weights)
 
 @contextmanager
 def merged_adapter(model, enabled: bool = True):
-    "Inside the block `model` (a PEFT model) runs with its active adapter merged into unquantized base weights; yields whether it merged."
-    merge = enabled and hasattr(model, "merge_adapter") and not _is_quantized(model)
+    "Inside the block `model` (a PEFT model) runs with its active adapter merged into its fp32 base weights; yields whether it merged."
+    merge = enabled and hasattr(model, "merge_adapter") and _merges_exactly(model)
     if merge:
         model.merge_adapter()
     try:
