@@ -374,6 +374,37 @@ def test_evaluate_run_refuses_a_tampered_artifact(trained_run, tmp_path):
         evaluate_run(run)
 
 
+@pytest.mark.slow
+def test_stage_answers_equal_the_one_prompt_at_a_time_path_on_the_ci_artifact(ci_run, tmp_path):
+    """The stage's fast path (one loaded model for base and adapter, batched left-padded generation, the adapter merged
+    in memory) gives every prompt the answer of the plain path: a fresh base, then a fresh base + the adapter as PEFT
+    loads it (unmerged), one prompt at a time. On the ci run's trained artifact, greedy, the run's own eval settings."""
+    import shutil
+    from peft import PeftModel
+    from adapterlab.eval import eval_config, find_artifact
+    from adapterlab.models import load_base_model
+    run = tmp_path / "run"
+    shutil.copytree(ci_run.summary["run_dir"], run)   # the stage writes eval/ and re-signs the artifact: a copy
+    overrides = ["eval.max_examples=8", "eval.batch_size=8"]
+    report = evaluate_run(run, overrides=overrides)
+    assert report["generation"]["adapter_merged"] is True and report["generation"]["batch_size"] == 8
+    cfg = eval_config(run, overrides)
+    one = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, batch_size=1))
+    examples = load_eval_examples(cfg.data.eval, cfg.eval.max_examples)
+    base, tok, _ = load_base_model(cfg)
+    plain = {"base": generate_predictions(base, tok, examples, one, desc="base, one at a time")}
+    adapter = PeftModel.from_pretrained(load_base_model(cfg)[0], str(find_artifact(run))).eval()
+    plain["adapter"] = generate_predictions(adapter, tok, examples, one, desc="adapter, one at a time")
+    stage = {name: load_predictions(run / "eval" / f"predictions_{name}.jsonl") for name in plain}
+    for name in plain:
+        assert [r["source"] for r in stage[name]] == [ex.source for ex in examples]
+        assert [r["prediction"] for r in stage[name]] == [r["prediction"] for r in plain[name]], name
+        assert [r["new_tokens"] for r in stage[name]] == [r["new_tokens"] for r in plain[name]], name
+        assert np.allclose([r["ref_nll"] for r in stage[name]], [r["ref_nll"] for r in plain[name]], rtol=1e-4), name
+    # the adapter changed the answers: the comparison above is between two different systems, not one twice
+    assert [r["prediction"] for r in plain["base"]] != [r["prediction"] for r in plain["adapter"]]
+
+
 # --- metrics that fit the task (issue 14) ------------------------------------------------------------------------------
 
 def test_default_metrics_fit_a_plain_text_task():

@@ -9,455 +9,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import string
 import time
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
-import numpy as np
-
-from .config import (AdapterlabError, Config, ConfigError, Layer, build_dataclass, config_to_dict, load_run_config,
+from .config import (Config, ConfigError, Layer, build_dataclass, config_to_dict, load_run_config,
                                merge_layers, overrides_layer, runs_root)
 from .formats import Example
-from .readers import load_examples, resolve_data_path
+from .metrics import *   # re-exported: `from adapterlab.eval import score` predates the split
 
 # %% auto #0
-__all__ = ['CONTEXT_FIELD', 'SOURCES_FIELD', 'SOURCES_ALIASES', 'METRICS', 'RECORD_FIELDS', 'AUTO_METRICS', 'TEXT_METRICS',
-           'JSON_METRICS', 'record_sources', 'EvalDataError', 'split_reference', 'load_eval_examples', 'MetricDef',
-           'register', 'normalize_answer', 'token_f1', 'exact_match_stats', 'f1_stats', 'rouge_l_stats',
-           'bleu_aggregate', 'bleu_stats', 'perplexity_aggregate', 'perplexity_stats', 'parse_json_answer',
-           'load_json_schema', 'json_validity_stats', 'json_schema_stats', 'cited_ids', 'cites_allowed',
-           'citation_stats', 'is_refusal', 'refusal_stats', 'content_words', 'context_text', 'support_ratio',
-           'groundedness_stats', 'select_metrics', 'expand_metrics', 'metric_stats', 'aggregate', 'score',
-           'per_example', 'metric_features', 'evaluate_module_class', 'metric_module_path', 'load_metric_module',
-           'chat_prompt', 'completion_text', 'reference_nll', 'generation_kwargs', 'generate_predictions',
-           'paired_bootstrap', 'compare', 'table_cell', 'report_markdown', 'plot_metrics', 'eval_config',
-           'resolve_eval_run', 'find_artifact', 'latest_run_dir', 'check_metric_inputs', 'load_predictions',
-           'evaluate_run', 'add_cli']
-
-# %% ../../nbs/09_eval.ipynb #be1d3cf0
-CONTEXT_FIELD = "context"
-SOURCES_FIELD = "allowed_sources"
-SOURCES_ALIASES = ("allowed_sources", "sources")
-
-def record_sources(meta: dict) -> list[str] | None:
-    "The source ids a record allows citing (`allowed_sources`, else `sources`), or None."
-    for key in SOURCES_ALIASES:
-        if meta.get(key) is not None:
-            return [str(s) for s in meta[key]]
-    return None
-
-class EvalDataError(AdapterlabError, ValueError):
-    "An eval record or prediction that cannot be scored, reported as `file:line: field: problem`."
-
-def split_reference(ex: Example) -> tuple[list[dict], str]:
-    "The prompt (every message before the last) and the reference (the last message, which must be the assistant's)."
-    if len(ex.messages) < 2 or ex.messages[-1].get("role") != "assistant":
-        raise EvalDataError(f"{ex.source}: messages: an eval record must end with the assistant's reference answer "
-                            f"after at least one prompt message")
-    return ex.messages[:-1], str(ex.messages[-1].get("content") or "")
-
-def load_eval_examples(spec: str | Path, max_examples: int | None = None) -> list[Example]:
-    "The first `max_examples` records of an eval set (all when None), each checked to hold a reference."
-    examples = load_examples(spec)
-    if not examples:
-        raise EvalDataError(f"{spec}: the eval set holds no records")
-    examples = examples[:max_examples] if max_examples else examples
-    for ex in examples:
-        split_reference(ex)
-    return examples
-
-# %% ../../nbs/09_eval.ipynb #de0f568e
-@dataclass(frozen=True)
-class MetricDef:
-    "One metric: per-example statistics `(n, k)` and the aggregate of their column sums."
-    name: str
-    doc: str
-    stats: Callable[..., np.ndarray]           # (predictions, references, **extra) -> (n, k) statistics
-    aggregate: Callable[[np.ndarray], np.ndarray]  # (..., k) summed statistics -> (...) scores
-    needs: tuple[str, ...] = ()                # extra inputs, by `score()` keyword
-    uses_references: bool = True
-    higher_is_better: bool = True
-    scale: str = "0-1"
-
-METRICS: dict[str, MetricDef] = {}
-
-def _ratio(sums: np.ndarray) -> np.ndarray:
-    "Sum of values / number of examples that count; NaN where none count."
-    sums = np.asarray(sums, dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(sums[..., 1] > 0, sums[..., 0] / sums[..., 1], np.nan)
-
-def _per_example(values, counts=None) -> np.ndarray:
-    values = np.asarray(values, dtype=float)
-    counts = np.ones_like(values) if counts is None else np.asarray(counts, dtype=float)
-    return np.stack([values, counts], axis=1).reshape(len(values), 2)
-
-def register(name: str, doc: str, *, needs: tuple[str, ...] = (), uses_references: bool = True,
-             higher_is_better: bool = True, scale: str = "0-1", aggregate: Callable = _ratio):
-    "Decorator: add a statistics function to `METRICS` under `name`."
-    def deco(fn):
-        METRICS[name] = MetricDef(name, doc, fn, aggregate, needs, uses_references, higher_is_better, scale)
-        return fn
-    return deco
-
-# %% ../../nbs/09_eval.ipynb #13fc5d55
-_PUNCT = set(string.punctuation)
-_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
-
-def normalize_answer(text: str) -> str:
-    "SQuAD normalisation: lower case, no punctuation, no articles, single spaces."
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
-    return " ".join(_ARTICLES.sub(" ", text).split())
-
-def token_f1(prediction: str, reference: str) -> float:
-    "SQuAD token-overlap F1 of two answers."
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
-    if not pred or not ref:
-        return float(pred == ref)
-    same = sum((Counter(pred) & Counter(ref)).values())
-    if same == 0:
-        return 0.0
-    precision, recall = same / len(pred), same / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-@register("exact_match", "SQuAD-normalised exact match")
-def exact_match_stats(predictions, references, **_):
-    return _per_example([normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references)])
-
-@register("f1", "SQuAD token F1")
-def f1_stats(predictions, references, **_):
-    return _per_example([token_f1(p, r) for p, r in zip(predictions, references)])
-
-# %% ../../nbs/09_eval.ipynb #6d2c5b09
-_ROUGE_SCORER = None
-
-def _rouge_scorer():
-    global _ROUGE_SCORER
-    if _ROUGE_SCORER is None:
-        from rouge_score import rouge_scorer
-        _ROUGE_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    return _ROUGE_SCORER
-
-@register("rouge_l", "rouge_score rougeL F-measure, mean over examples")
-def rouge_l_stats(predictions, references, **_):
-    scorer = _rouge_scorer()
-    return _per_example([scorer.score(target=r, prediction=p)["rougeL"].fmeasure for p, r in zip(predictions, references)])
-
-def _bleu():
-    from sacrebleu.metrics import BLEU
-    return BLEU()  # the defaults of sacrebleu.corpus_bleu
-
-def bleu_aggregate(sums: np.ndarray) -> np.ndarray:
-    "Corpus BLEU (0-100) from summed sacreBLEU segment statistics."
-    sums = np.asarray(sums)
-    bleu, flat = _bleu(), sums.reshape(-1, sums.shape[-1])
-    scores = [bleu._compute_score_from_stats([int(round(x)) for x in row]).score for row in flat]
-    return np.asarray(scores, dtype=float).reshape(sums.shape[:-1])
-
-@register("bleu", "sacreBLEU corpus BLEU", scale="0-100", aggregate=bleu_aggregate)
-def bleu_stats(predictions, references, **_):
-    return np.asarray(_bleu()._extract_corpus_statistics(list(predictions), [list(references)]), dtype=float)
-
-# %% ../../nbs/09_eval.ipynb #1a62cae2
-def perplexity_aggregate(sums: np.ndarray) -> np.ndarray:
-    "exp(total NLL / total tokens)."
-    sums = np.asarray(sums, dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        return np.where(sums[..., 1] > 0, np.exp(sums[..., 0] / sums[..., 1]), np.nan)
-
-@register("perplexity", "perplexity of the reference completions", needs=("ref_nll", "ref_tokens"),
-          uses_references=False, higher_is_better=False, scale=">=1", aggregate=perplexity_aggregate)
-def perplexity_stats(predictions, references, *, ref_nll, ref_tokens, **_):
-    return _per_example(ref_nll, ref_tokens)
-
-# %% ../../nbs/09_eval.ipynb #8ac4d0bc
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
-
-def parse_json_answer(text: str) -> tuple[bool, Any]:
-    "`(True, value)` when the whole answer is one strict JSON document, else `(False, None)`."
-    try:
-        return True, json.loads(text.strip(), parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        return False, None
-
-def load_json_schema(spec: str | Path | dict):
-    "A `jsonschema` validator for a schema file (path or `sample:...`) or dict; a bad schema fails here, not later."
-    import jsonschema
-    where = str(spec)
-    if isinstance(spec, dict):
-        schema, where = spec, "json_schema"
-    else:
-        path = resolve_data_path(spec)
-        if not path.exists():
-            raise ConfigError(f"eval.json_schema: {spec}: no such schema file ({path})")
-        try:
-            schema = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{e.lineno}: json_schema: not valid JSON: {e.msg}") from None
-    cls = jsonschema.validators.validator_for(schema)
-    try:
-        cls.check_schema(schema)
-    except jsonschema.SchemaError as e:
-        raise ConfigError(f"{where}: json_schema: not a valid JSON schema: {e.message}") from None
-    return cls(schema)
-
-@register("json_validity", "share of answers that are exactly one JSON document", uses_references=False)
-def json_validity_stats(predictions, references=None, **_):
-    return _per_example([parse_json_answer(p)[0] for p in predictions])
-
-@register("json_schema_conformance", "share of answers that are JSON conforming to the schema", needs=("schema",),
-          uses_references=False)
-def json_schema_stats(predictions, references=None, *, schema, **_):
-    validator = schema if hasattr(schema, "is_valid") else load_json_schema(schema)
-    def ok(p):
-        valid, value = parse_json_answer(p)
-        return valid and validator.is_valid(value)
-    return _per_example([ok(p) for p in predictions])
-
-# %% ../../nbs/09_eval.ipynb #ec7f43c7
-_CITATION = re.compile(r"\[([^\[\]\n]{1,200})\]")
-
-def cited_ids(text: str) -> list[str]:
-    "The source ids an answer cites, in order."
-    return [i.strip() for group in _CITATION.findall(text) for i in re.split(r"[,;]", group) if i.strip()]
-
-def cites_allowed(text: str, allowed: Sequence[str]) -> bool:
-    "At least one citation, and every cited id is allowed."
-    ids, allowed = cited_ids(text), {str(a) for a in allowed}
-    return bool(ids) and all(i in allowed for i in ids)
-
-@register("citation_rate", "share of answers that cite only allowed sources, at least one", needs=("allowed_sources",),
-          uses_references=False)
-def citation_stats(predictions, references=None, *, allowed_sources, **_):
-    counts = [a is not None for a in allowed_sources]
-    return _per_example([c and cites_allowed(p, a) for p, a, c in zip(predictions, allowed_sources, counts)], counts)
-
-# %% ../../nbs/09_eval.ipynb #22c4960d
-_REFUSAL_PATTERNS = [
-    r"\b(?:i|we)(?: am|'m| are|'re)? (?:can ?not|can't|won't|will not|unable to|not able to|must decline to"
-    r"|have to decline to|won't be able to|will not be able to|not allowed to|not permitted to)"
-    r" (?:help|assist|provide|answer|comply|share|fulfil|fulfill|support|disclose|give|respond|do that|do this|discuss)",
-    r"\b(?:i|we)(?: am|'m| are|'re)? (?:really |so |truly )?(?:sorry|afraid)\b[^.!?]*?\b(?:can ?not|can't|unable|not able"
-    r"|won't|will not|decline)",
-    r"\b(?:i|we) (?:must|have to|need to|will have to) (?:decline|refuse)",
-    r"\bas an ai\b",
-    r"\b(?:unable|not able) to (?:help|assist|comply) with\b",
-    r"\bthat(?:'s| is) not something (?:i|we) can\b",
-    r"\b(?:i|we) (?:do not|don't) (?:know|have (?:enough |that |this |the |any )?(?:information|data|details))",
-    r"\b(?:not enough|insufficient) (?:information|context)\b",
-    r"\bthe (?:provided )?(?:context|documents?|sources?|text|passages?) (?:does not|doesn't|do not|don't)"
-    r" (?:contain|mention|say|provide|include|specify)",
-]
-_REFUSAL = re.compile("|".join(f"(?:{p})" for p in _REFUSAL_PATTERNS))
-_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\uff07": "'"})
-
-def is_refusal(text: str) -> bool:
-    "Does this answer decline or abstain?"
-    return bool(_REFUSAL.search(" ".join(text.translate(_APOSTROPHES).lower().split())))
-
-@register("refusal_correctness", "share of answers that refuse exactly when the reference refuses")
-def refusal_stats(predictions, references, **_):
-    return _per_example([is_refusal(p) == is_refusal(r) for p, r in zip(predictions, references)])
-
-# %% ../../nbs/09_eval.ipynb #32fd9d59
-_FUNCTION_WORDS = frozenset("""a an the and or but if of in on at to for from by with about as into like through over
-after before between under is are was were be been being am do does did has have had having i you he she it we they
-me him her us them my your his its our their this that these those there here what which who whom whose when where
-why how not no yes so than too very can could will would shall should may might must just also only""".split())
-
-def content_words(text: str) -> list[str]:
-    "SQuAD-normalised tokens that carry content."
-    return [w for w in normalize_answer(text).split() if w not in _FUNCTION_WORDS]
-
-def context_text(context: str | Sequence[str | dict]) -> str:
-    "A record's context as one text: a string, passages, or `{\"id\", \"text\"}` passages."
-    if isinstance(context, str):
-        return context
-    return "\n".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in context)
-
-def support_ratio(answer: str, context: str | Sequence[str | dict]) -> float:
-    "Share of the answer's content words that appear in the context (0 for an answer without content words)."
-    context = context_text(context)
-    words, known = content_words(_CITATION.sub(" ", answer)), set(normalize_answer(context).split())
-    return sum(w in known for w in words) / len(words) if words else 0.0
-
-@register("groundedness", "mean share of answer content words supported by the context", needs=("contexts",),
-          uses_references=False)
-def groundedness_stats(predictions, references=None, *, contexts, **_):
-    counts = [c is not None for c in contexts]
-    return _per_example([support_ratio(p, c) if k else 0.0 for p, c, k in zip(predictions, contexts, counts)], counts)
-
-# %% ../../nbs/09_eval.ipynb #2d9314e8
-RECORD_FIELDS = {"contexts": CONTEXT_FIELD, "allowed_sources": SOURCES_FIELD, "ref_nll": "ref_nll",
-                 "ref_tokens": "ref_tokens"}
-
-AUTO_METRICS = "auto"
-TEXT_METRICS = ("exact_match", "f1", "rouge_l", "bleu", "perplexity")
-JSON_METRICS = ("json_validity", "json_schema_conformance")
-
-def _is_json_document(text) -> bool:
-    ok, value = parse_json_answer(text) if isinstance(text, str) else (False, None)
-    return ok and isinstance(value, (dict, list))
-
-def select_metrics(metrics: Sequence[str], examples: Sequence | None = None, schema=None) -> tuple[list[str], dict[str, str]]:
-    """`eval.metrics` → the metrics to report and, for each metric considered, why it was chosen or left out.
-    `auto` stands for the metrics that fit the task: the text metrics always; the JSON metrics only when every
-    reference is a JSON object or array (or `eval.json_schema` is set); `citation_rate` / `groundedness` when the
-    eval records carry sources / context. A metric named explicitly is reported as asked."""
-    reasons: dict[str, str] = {}
-    out: list[str] = []
-    for m in metrics:
-        if m != AUTO_METRICS:
-            out.append(m); reasons.setdefault(m, "asked for in eval.metrics")
-            continue
-        out += [x for x in TEXT_METRICS]
-        for x in TEXT_METRICS: reasons.setdefault(x, "auto: a text metric, fits every task")
-        refs = [ex.messages[-1]["content"] for ex in examples] if examples is not None else []
-        n_json = sum(map(_is_json_document, refs))
-        if schema is not None:
-            out.append("json_validity"); reasons.setdefault("json_validity", "auto: eval.json_schema is set")
-        elif refs and n_json == len(refs):
-            out.append("json_validity"); reasons.setdefault("json_validity", f"auto: all {len(refs)} references are JSON")
-        else:
-            reasons.setdefault("json_validity", f"left out by auto: {n_json} of {len(refs)} references are JSON "
-                                                "documents (name it in eval.metrics to report it anyway)")
-        if examples is not None:
-            for name, has in (("citation_rate", any(record_sources(ex.meta) is not None for ex in examples)),
-                              ("groundedness", any(ex.meta.get(CONTEXT_FIELD) is not None for ex in examples))):
-                if has:
-                    out.append(name); reasons.setdefault(name, "auto: the eval records carry the field it needs")
-    unknown = [m for m in out if m not in METRICS]
-    if unknown:
-        raise ConfigError(f"eval.metrics: unknown metric(s) {', '.join(unknown)} (known: {AUTO_METRICS}, "
-                          f"{', '.join(METRICS)})")
-    out = list(dict.fromkeys(out))
-    if schema is not None and "json_validity" in out and "json_schema_conformance" not in out:
-        reasons.setdefault("json_schema_conformance", "comes with json_validity when eval.json_schema is set")
-    return out, reasons
-
-def expand_metrics(metrics: Sequence[str], schema=None, examples: Sequence | None = None) -> list[str]:
-    "Check metric names (and expand `auto`, see `select_metrics`); `json_validity` brings `json_schema_conformance` along when there is a schema."
-    out = select_metrics(metrics, examples, schema)[0]
-    if schema is not None and "json_validity" in out and "json_schema_conformance" not in out:
-        out.insert(out.index("json_validity") + 1, "json_schema_conformance")
-    return out
-
-def _inputs(predictions, references, extra: dict) -> tuple[list[str], list[str] | None, dict]:
-    if predictions and isinstance(predictions[0], dict):
-        records = predictions
-        predictions = [r["prediction"] for r in records]
-        if references is None:
-            references = [r.get("reference") for r in records]
-        for kw, fld in RECORD_FIELDS.items():
-            if kw not in extra and any(fld in r for r in records):
-                extra[kw] = [r.get(fld) for r in records]
-    return [p or "" for p in predictions], references, extra
-
-def metric_stats(name: str, predictions, references=None, **extra) -> np.ndarray:
-    "Per-example statistics `(n, k)` of one metric: the rows the bootstrap resamples."
-    predictions, references, extra = _inputs(predictions, references, dict(extra))
-    metric = METRICS[expand_metrics([name])[0]]
-    if not predictions:
-        raise EvalDataError(f"{name}: no predictions to score")
-    missing = [k for k in metric.needs if extra.get(k) is None]
-    if missing:
-        fields = ", ".join(f"`{RECORD_FIELDS.get(k, k)}`" for k in missing)
-        raise EvalDataError(f"{name}: needs {fields} (pass {', '.join(missing)}= or records that carry them)")
-    if metric.uses_references:
-        if references is None or any(r is None for r in references):
-            raise EvalDataError(f"{name}: needs a reference for every prediction")
-    for k in metric.needs:
-        if k != "schema" and len(extra[k]) != len(predictions):
-            raise EvalDataError(f"{name}: {k} has {len(extra[k])} values for {len(predictions)} predictions")
-    if references is not None and len(references) != len(predictions):
-        raise EvalDataError(f"{name}: {len(references)} references for {len(predictions)} predictions")
-    return np.asarray(metric.stats(predictions, references, **extra), dtype=float)
-
-def aggregate(name: str, stats: np.ndarray) -> float:
-    "A metric's value from its per-example statistics; a metric that applies to no example is an error."
-    value = float(METRICS[name].aggregate(np.asarray(stats).sum(axis=0)))
-    if math.isnan(value):
-        fields = ", ".join(f"`{RECORD_FIELDS.get(k, k)}`" for k in METRICS[name].needs) or "its inputs"
-        raise EvalDataError(f"{name}: applies to none of the {len(stats)} examples (does any record have {fields}?)")
-    return value
-
-def score(predictions, references=None, metrics: Sequence[str] = ("exact_match", "f1", "rouge_l", "bleu"), **extra) -> dict[str, float]:
-    "Score predictions on each metric: `{metric: value}`."
-    schema = extra.get("schema")
-    if schema is not None and not hasattr(schema, "is_valid"):
-        extra["schema"] = load_json_schema(schema)
-    return {m: aggregate(m, metric_stats(m, predictions, references, **extra)) for m in expand_metrics(metrics, schema)}
-
-def per_example(name: str, predictions, references=None, **extra) -> list[float]:
-    "Each example's own value of a metric (NaN where it does not apply); BLEU here is unsmoothed sentence BLEU."
-    stats = metric_stats(name, predictions, references, **extra)
-    return [float(v) for v in METRICS[name].aggregate(stats)]
-
-# %% ../../nbs/09_eval.ipynb #457d89b1
-def metric_features(name: str):
-    "The `datasets.Features` an `evaluate` module of this metric takes as inputs."
-    from datasets import Features, Sequence as Seq, Value
-    text = Value("string")
-    if name == "perplexity":
-        return Features({"ref_nll": Value("float64"), "ref_tokens": Value("int64")})
-    if name in ("json_validity", "json_schema_conformance"):
-        return Features({"predictions": text})
-    if name == "citation_rate":
-        return Features({"predictions": text, "allowed_sources": Seq(text)})
-    if name == "groundedness":
-        return Features({"predictions": text, "contexts": text})
-    return Features({"predictions": text, "references": text})
-
-def _class_name(name: str) -> str:
-    return "".join(p.title() for p in name.split("_"))
-
-def evaluate_module_class(name: str) -> type:
-    "An `evaluate.Metric` subclass for one adapterlab metric (what each module script defines)."
-    import evaluate
-    metric = METRICS[name]
-
-    class AdapterlabMetric(evaluate.Metric):
-        def _info(self):
-            return evaluate.MetricInfo(
-                description=f"adapterlab `{name}`: {metric.doc} (range {metric.scale}, "
-                            f"{'higher' if metric.higher_is_better else 'lower'} is better).",
-                citation="adapterlab, nbs/09_eval.ipynb",
-                inputs_description=f"inputs: {', '.join(metric_features(name))}",
-                features=metric_features(name))
-
-        def _compute(self, predictions=None, references=None, **kwargs):
-            if name == "perplexity":
-                predictions = [""] * len(kwargs["ref_nll"])
-            return score(list(predictions), references, [name], **kwargs)
-
-    AdapterlabMetric.__name__ = AdapterlabMetric.__qualname__ = _class_name(name)
-    return AdapterlabMetric
-
-def metric_module_path(name: str) -> Path:
-    "The `evaluate` module script of a metric (written into the adapterlab cache on first use)."
-    from adapterlab.models import cache_dir
-    if name not in METRICS:
-        raise ConfigError(f"no evaluate module for metric '{name}' (known: {', '.join(METRICS)})")
-    path = cache_dir() / "evaluate_modules" / name / f"{name}.py"
-    script = (f'"""adapterlab metric `{name}` as a Hugging Face `evaluate` module (generated by adapterlab.eval)."""\n'
-              f"import adapterlab.eval\n\n{_class_name(name)} = adapterlab.eval.evaluate_module_class({name!r})\n")
-    if not path.exists() or path.read_text(encoding="utf-8") != script:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(script, encoding="utf-8")
-        tmp.replace(path)  # atomic: a concurrent loader sees the old script or the new one, never half
-    return path
-
-def load_metric_module(name: str, **kwargs):
-    "`evaluate.load` of the metric's local module script: works offline."
-    import evaluate
-    return evaluate.load(str(metric_module_path(name).parent), **kwargs)
+__all__ = ['chat_prompt', 'completion_text', 'reference_nll', 'generation_kwargs', 'generate_predictions', 'merged_adapter',
+           'table_cell', 'report_markdown', 'plot_metrics', 'eval_config', 'resolve_eval_run', 'find_artifact',
+           'latest_run_dir', 'check_metric_inputs', 'load_predictions', 'evaluate_run', 'add_cli']
 
 # %% ../../nbs/09_eval.ipynb #58433a1b
 def _device(model):
@@ -569,45 +134,26 @@ def generate_predictions(model, tokenizer, examples: Sequence[Example], cfg: Con
         records.append(rec)
     return records
 
-# %% ../../nbs/09_eval.ipynb #3b297ea1
-def _as_stats(values) -> np.ndarray:
-    values = np.asarray(values, dtype=float)
-    return _per_example(values) if values.ndim == 1 else values
+# %% ../../nbs/09_eval.ipynb #19682da0
+from contextlib import contextmanager
 
-def paired_bootstrap(base_values, adapter_values, samples: int, seed: int,
-                     aggregate: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[float, float, float]:
-    "Observed adapter − base and its 95% percentile-bootstrap interval over examples: `(delta, lo, hi)`."
-    base, adapter = _as_stats(base_values), _as_stats(adapter_values)
-    if base.shape != adapter.shape or len(base) == 0:
-        raise ValueError(f"paired values need the same non-empty shape, got {base.shape} and {adapter.shape}")
-    agg = aggregate or _ratio
-    n = len(base)
-    delta = float(agg(adapter.sum(0)) - agg(base.sum(0)))
-    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=samples).astype(float)
-    diffs = agg(counts @ adapter) - agg(counts @ base)
-    lo, hi = np.nanpercentile(diffs, [2.5, 97.5])
-    return delta, float(lo), float(hi)
+def _merges_exactly(model) -> bool:
+    "Every weight an adapter would merge into is plain fp32 (a 4-bit base stores uint8, a bf16 one bf16)."
+    import torch
+    weights = [m.base_layer.weight for m in model.modules() if hasattr(m, "base_layer") and hasattr(m.base_layer, "weight")]
+    return bool(weights) and all(w.dtype == torch.float32 for w in weights)
 
-# %% ../../nbs/09_eval.ipynb #7e075e2d
-def compare(base_records: list[dict], adapter_records: list[dict], metrics: Sequence[str], samples: int, seed: int,
-            schema=None) -> dict[str, dict]:
-    "Per metric: base, adapter, delta (adapter − base), 95% CI, and whether the change is significant and which way."
-    if [r["source"] for r in base_records] != [r["source"] for r in adapter_records]:
-        raise EvalDataError("base and adapter predictions are not for the same examples in the same order")
-    extra = {"schema": schema} if schema is not None else {}
-    out = {}
-    for name in expand_metrics(metrics, schema):
-        sb, sa = metric_stats(name, base_records, **extra), metric_stats(name, adapter_records, **extra)
-        m = METRICS[name]
-        base, adapter = aggregate(name, sb), aggregate(name, sa)
-        delta, lo, hi = paired_bootstrap(sb, sa, samples, seed, m.aggregate)
-        significant = lo > 0 or hi < 0
-        better = (delta > 0) == m.higher_is_better
-        out[name] = {"base": base, "adapter": adapter, "delta": delta, "ci95": [lo, hi], "significant": significant,
-                     "verdict": ("adapter better" if better else "adapter worse") if significant else "no clear change",
-                     "higher_is_better": m.higher_is_better, "scale": m.scale,
-                     "n_counted": len(sb) if name == "bleu" else int((sb[:, 1] > 0).sum())}
-    return out
+@contextmanager
+def merged_adapter(model, enabled: bool = True):
+    "Inside the block `model` (a PEFT model) runs with its active adapter merged into its fp32 base weights; yields whether it merged."
+    merge = enabled and hasattr(model, "merge_adapter") and _merges_exactly(model)
+    if merge:
+        model.merge_adapter()
+    try:
+        yield merge
+    finally:
+        if merge:
+            model.unmerge_adapter()
 
 # %% ../../nbs/09_eval.ipynb #a3c2c238
 def _fmt(x: float) -> str:
@@ -758,7 +304,8 @@ def evaluate_run(run_dir: str | Path, eval_spec: str | None = None, overrides: l
         base = generate_predictions(model, tokenizer, examples, cfg, desc="base")
     timings["base_seconds"] = round(time.time() - start, 2)
     start = time.time()
-    adapted = generate_predictions(model, tokenizer, examples, cfg, desc="adapter")
+    with merged_adapter(model) as merged:   # the last use of the model: one matmul per layer at each token
+        adapted = generate_predictions(model, tokenizer, examples, cfg, desc="adapter")
     timings["adapter_seconds"] = round(time.time() - start, 2)
 
     out_dir = run_dir / "eval"
@@ -771,7 +318,8 @@ def evaluate_run(run_dir: str | Path, eval_spec: str | None = None, overrides: l
         "base_model": cfg.model.base_model, "artifact": str(artifact.relative_to(run_dir)),
         "seed": cfg.seed, "bootstrap_samples": cfg.eval.bootstrap_samples, "json_schema": cfg.eval.json_schema,
         "generation": {"max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size,
-                       "do_sample": cfg.eval.do_sample, "temperature": cfg.eval.temperature if cfg.eval.do_sample else None},
+                       "do_sample": cfg.eval.do_sample, "temperature": cfg.eval.temperature if cfg.eval.do_sample else None,
+                       "adapter_merged": merged},
         "truncated": {"base": sum(not r["finished"] for r in base), "adapter": sum(not r["finished"] for r in adapted)},
         "timings": timings, "metrics": results, "metric_selection": {"asked": list(cfg.eval.metrics), **chosen_because},
         "base": {name: m["base"] for name, m in results.items()},
