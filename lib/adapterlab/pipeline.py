@@ -23,9 +23,9 @@ from .config import AdapterlabError, Config, check_hardware, load_run_config, op
 from .report import _json, _now, read_status, report_markdown, run_state, write_report, write_status
 
 # %% auto #0
-__all__ = ['STAGES', 'DRY_RUN_STAGES', 'OPTIONAL_STAGES', 'StageFailed', 'RunInterrupted', 'stage_notebook', 'environment_lock',
-           'write_provenance', 'ipc_kernel_manager', 'error_location', 'run_stage', 'find_run', 'run_pipeline',
-           'list_runs', 'format_runs', 'add_cli']
+__all__ = ['STAGES', 'DRY_RUN_STAGES', 'OPTIONAL_STAGES', 'NOTEBOOK_DRIVER', 'StageFailed', 'RunInterrupted', 'stage_notebook',
+           'environment_lock', 'write_provenance', 'ipc_kernel_manager', 'error_location', 'run_stage', 'find_run',
+           'run_pipeline', 'stage_run_dir', 'finish_stage', 'list_runs', 'format_runs', 'add_cli']
 
 # %% ../../nbs/11_pipeline.ipynb #b5c94c85
 STAGES = ("data", "compat", "train", "regressions", "eval")
@@ -215,7 +215,7 @@ def run_pipeline(experiment: str = "json_contacts", hw: str = "cpu", overrides: 
         if not resume:
             write_provenance(cfg, run_dir)
         status = read_status(run_dir)
-        status.update(status="running", experiment=cfg.experiment, hw=cfg.hw.name, dry_run=dry_run,
+        status.update(status="running", driver="pipeline", experiment=cfg.experiment, hw=cfg.hw.name, dry_run=dry_run,
                       started_utc=status.get("started_utc") or _now(), owner=tracking.owner_record(),
                       heartbeat_utc=_now())
         status.pop("finished_utc", None)
@@ -292,6 +292,133 @@ def run_pipeline(experiment: str = "json_contacts", hw: str = "cpu", overrides: 
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
+
+# %% ../../nbs/11_pipeline.ipynb #aa2bf4fd
+NOTEBOOK_DRIVER = "notebooks"   # `status["driver"]` of a run whose stages ran as notebooks one by one (`adapterlab run`: "pipeline")
+_CLAIMS: dict = {}               # in this process (a stage's kernel): run folder -> (stage, its lock, start time)
+
+def _is_heads(experiment) -> bool:
+    from adapterlab.config import find_params_file, load_layer
+    return "heads" in load_layer(find_params_file("experiments", experiment)).values
+
+def _same_params(run_dir: Path, cfg: Config) -> bool:
+    from adapterlab.config import config_to_dict, redact_secrets
+    as_text = lambda c: json.dumps(redact_secrets(config_to_dict(c)), sort_keys=True, default=str)
+    return as_text(load_run_config(run_dir)) == as_text(cfg)
+
+def _next_run(stage: str, cfg: Config, same_params: bool):
+    "The newest notebook-made run of this experiment/profile whose previous stage is done and this one not yet (nor a later one), locked."
+    i = STAGES.index(stage)
+    for run_dir in sorted((p.parent for p in runs_root(cfg).glob("*/status.json")), reverse=True):
+        status = read_status(run_dir)
+        done = {n for n, r in status.get("stages", {}).items() if r.get("status") == "done"}
+        if (status.get("driver") != NOTEBOOK_DRIVER or (status.get("experiment"), status.get("hw")) != (cfg.experiment, cfg.hw.name)
+                or done & set(STAGES[i:]) or (i and STAGES[i - 1] not in done) or (same_params and not _same_params(run_dir, cfg))):
+            continue
+        try:
+            return run_dir, tracking.lock_run(run_dir)
+        except tracking.RunBusy:   # another kernel is running a stage of it
+            continue
+    return None
+
+def _claim(run_dir: Path, stage: str, lock) -> None:
+    status = read_status(run_dir)
+    status.update(status="running", owner=tracking.owner_record(), heartbeat_utc=_now())
+    status.pop("finished_utc", None)
+    status.setdefault("stages", {})[stage] = {"status": "running", "started_utc": _now()}
+    write_status(run_dir, status)
+    _CLAIMS[run_dir.resolve()] = (stage, lock, time.time())
+    try:   # a cell that raises ends the stage as failed (Ctrl-C / interrupt: interrupted), as the pipeline records it
+        from IPython import get_ipython
+        shell = get_ipython()
+    except ImportError:
+        shell = None
+    if shell is not None and _after_cell not in shell.events.callbacks["post_run_cell"]:
+        shell.events.register("post_run_cell", _after_cell)
+
+def _after_cell(result) -> None:
+    error = result.error_in_exec
+    if error is not None:
+        for run_dir in list(_CLAIMS):
+            if isinstance(error, SystemExit) and not error.code:   # the notebook stopped itself, cleanly (a dry run)
+                _end_claim(run_dir, "stopped")
+            else:
+                _end_claim(run_dir, "interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
+                           f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}")
+
+def _end_claim(run_dir: Path, state: str, error: str | None = None) -> str:
+    "Record the claimed stage's end; the run is `done` when the last stage ends and every stage is done."
+    stage, lock, start = _CLAIMS.pop(run_dir)
+    try:
+        status = read_status(run_dir)
+        status["stages"][stage].update(status=state, seconds=round(time.time() - start, 1), **({"error": error} if error else {}))
+        complete = all(status["stages"].get(s, {}).get("status") == "done" for s in STAGES)
+        status["status"] = ("done" if complete else "incomplete") if state in ("done", "stopped") else state
+        if complete or state in ("failed", "interrupted"):
+            status["finished_utc"] = _now()
+        write_status(run_dir, status)
+        cfg = load_run_config(run_dir)
+        if stage == STAGES[-1] or state in ("failed", "interrupted"):
+            write_report(run_dir)
+        if complete:
+            tracking.log_run_results(cfg, run_dir) if cfg.tracking.mlflow else None
+        if complete or state in ("failed", "interrupted"):
+            tracking.end_mlflow_run(cfg, run_dir, {"done": "FINISHED", "failed": "FAILED"}.get(status["status"], "KILLED"))
+        return status["status"]
+    finally:
+        lock.release()
+
+def stage_run_dir(stage: str, experiment: str | Path = "json_contacts", hw: str | Path = "cpu",
+                  overrides: list[str] | None = None, run_dir: str | Path | None = None, injected: dict | None = None) -> Path | None:
+    """The run folder a stage notebook works in, and the stage recorded as `running` in its `status.json`.
+    `run_dir` given (`adapterlab run`, `papermill -p run_dir`): that folder; its status is recorded only when the stage
+    notebooks made it (the pipeline keeps its own). Without one: the newest run of this experiment and profile made by
+    the notebooks whose previous stage is done and this one (or a later one) is not, with the same parameters for the
+    stages that define them (data, compat, train), else a new run. None where the stage's own default applies: a heads
+    experiment, or an eval with no run to continue (the eval stage then takes the newest trained run)."""
+    for claimed in list(_CLAIMS):   # the notebook started again in the same kernel before its last stage ended
+        _end_claim(claimed, "interrupted", "started again before it finished")
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        status = read_status(run_dir)
+        if status.get("driver") == NOTEBOOK_DRIVER and stage in STAGES:
+            _claim(run_dir, stage, tracking.lock_run(run_dir, status.get("owner")))
+        return run_dir
+    if stage not in STAGES or _is_heads(experiment):
+        return None
+    from adapterlab.config import _resolve
+    cfg, _ = _resolve(experiment, hw, overrides, injected)
+    found = _next_run(stage, cfg, same_params=stage in ("data", "compat", "train"))
+    if found is None and stage == "eval":
+        return None
+    if found is None:
+        cfg, run_dir = open_run(experiment, hw, overrides, None, injected)
+        lock = tracking.lock_run(run_dir)
+        write_provenance(cfg, run_dir)
+        write_status(run_dir, {"status": "new", "driver": NOTEBOOK_DRIVER, "experiment": cfg.experiment, "hw": cfg.hw.name,
+                               "dry_run": False, "also": [], "started_utc": _now(), "stages": {}})
+        tracking.start_mlflow_run(cfg, run_dir) if cfg.tracking.mlflow else None
+        print(f"new run {run_dir.name}" + (f" (no unfinished run of {cfg.experiment} on {cfg.hw.name} with these parameters "
+                                           f"has '{STAGES[STAGES.index(stage) - 1]}' done)" if stage != STAGES[0] else ""))
+    else:
+        run_dir, lock = found
+        print(f"continuing run {run_dir.name}")
+    _claim(run_dir, stage, lock)
+    return run_dir
+
+def finish_stage(run_dir: str | Path) -> str | None:
+    """A stage notebook's last cell: its stage `done` in a run the notebooks drive; after the last stage,
+    the run `done` (every stage done, else `incomplete`) and its report written, as `adapterlab run` does. Returns the
+    run's status, or None where this process recorded no stage (the pipeline keeps the status)."""
+    key = Path(run_dir).resolve()
+    if key not in _CLAIMS:
+        return None
+    stage = _CLAIMS[key][0]
+    state = _end_claim(key, "done")
+    after = STAGES[STAGES.index(stage) + 1] if stage != STAGES[-1] else None
+    print(f"run {key.name}: {stage} done; run {state}"
+          + (f"; next: nbs/{after}.ipynb" if after else f"; report: {key / 'report.md'}"))
+    return state
 
 # %% ../../nbs/11_pipeline.ipynb #f3d0909f
 def list_runs(root: Path | None = None) -> list[dict]:
