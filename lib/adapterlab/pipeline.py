@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -309,16 +310,21 @@ def _same_params(run_dir: Path, cfg: Config) -> bool:
 def _next_run(stage: str, cfg: Config, same_params: bool):
     "The newest notebook-made run of this experiment/profile whose previous stage is done and this one not yet (nor a later one), locked."
     i = STAGES.index(stage)
-    for run_dir in sorted((p.parent for p in runs_root(cfg).glob("*/status.json")), reverse=True):
+    def fits(run_dir: Path) -> bool:
         status = read_status(run_dir)
         done = {n for n, r in status.get("stages", {}).items() if r.get("status") == "done"}
-        if (status.get("driver") != NOTEBOOK_DRIVER or (status.get("experiment"), status.get("hw")) != (cfg.experiment, cfg.hw.name)
-                or done & set(STAGES[i:]) or (i and STAGES[i - 1] not in done) or (same_params and not _same_params(run_dir, cfg))):
+        return (status.get("driver") == NOTEBOOK_DRIVER and (status.get("experiment"), status.get("hw")) == (cfg.experiment, cfg.hw.name)
+                and not done & set(STAGES[i:]) and (i == 0 or STAGES[i - 1] in done) and (not same_params or _same_params(run_dir, cfg)))
+    for run_dir in sorted((p.parent for p in runs_root(cfg).glob("*/status.json")), reverse=True):
+        if not fits(run_dir):
             continue
         try:
-            return run_dir, tracking.lock_run(run_dir)
+            lock = tracking.lock_run(run_dir)
         except tracking.RunBusy:   # another kernel is running a stage of it
             continue
+        if fits(run_dir):          # still, now that it is ours: a kernel may have finished this very stage meanwhile
+            return run_dir, lock
+        lock.release()
     return None
 
 def _claim(run_dir: Path, stage: str, lock) -> None:
@@ -328,11 +334,8 @@ def _claim(run_dir: Path, stage: str, lock) -> None:
     status.setdefault("stages", {})[stage] = {"status": "running", "started_utc": _now()}
     write_status(run_dir, status)
     _CLAIMS[run_dir.resolve()] = (stage, lock, time.time())
-    try:   # a cell that raises ends the stage as failed (Ctrl-C / interrupt: interrupted), as the pipeline records it
-        from IPython import get_ipython
-        shell = get_ipython()
-    except ImportError:
-        shell = None
+    # in a kernel, a cell that raises ends the stage as failed (Ctrl-C / interrupt: interrupted), as the pipeline records it
+    shell = sys.modules["IPython"].get_ipython() if "IPython" in sys.modules else None
     if shell is not None and _after_cell not in shell.events.callbacks["post_run_cell"]:
         shell.events.register("post_run_cell", _after_cell)
 
