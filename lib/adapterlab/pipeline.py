@@ -20,8 +20,8 @@ from pathlib import Path
 
 from . import tracking
 from .config import AdapterlabError, Config, check_hardware, load_run_config, open_run, project_root, resolve_config, runs_root
-# the run status and the report are `adapterlab.report`'s; imported here too, where callers have always found them
-from .report import _json, _now, read_status, report_markdown, run_state, write_report, write_status
+# the run status and the report are `adapterlab.run_report`'s; imported here too, where callers have always found them
+from .run_report import _json, _now, read_status, report_markdown, run_state, write_report, write_status
 
 # %% auto #0
 __all__ = ['STAGES', 'DRY_RUN_STAGES', 'OPTIONAL_STAGES', 'NOTEBOOK_DRIVER', 'StageFailed', 'RunInterrupted', 'stage_notebook',
