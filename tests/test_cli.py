@@ -101,7 +101,7 @@ def test_one_override_flag_and_one_default_experiment_everywhere():
 def test_stage_notebooks_default_to_the_same_experiment():
     import json
     default = resolve_config.__defaults__[0]
-    for stage in ("data", "compat", "train", "eval", "preference"):
+    for stage in ("data", "compat", "train", "regressions", "eval", "preference"):
         nb = json.loads((project_root() / "nbs" / f"{stage}.ipynb").read_text())
         (params,) = [c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", [])]
         assert f'experiment = "{default}"' in "".join(params["source"]), stage

@@ -7,27 +7,26 @@ Docs: https://adapterlab.github.io/adapterlab/pipeline.html.md"""
 # %% ../../nbs/11_pipeline.ipynb #31e549b5
 from __future__ import annotations
 
-import html
 import json
 import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from . import tracking
 from .config import AdapterlabError, Config, check_hardware, load_run_config, open_run, project_root, resolve_config, runs_root
+# the run status and the report are `adapterlab.run_report`'s; imported here too, where callers have always found them
+from .run_report import _json, _now, read_status, report_markdown, run_state, write_report, write_status
 
 # %% auto #0
-__all__ = ['STAGES', 'DRY_RUN_STAGES', 'OPTIONAL_STAGES', 'StageFailed', 'RunInterrupted', 'stage_notebook', 'read_status',
-           'run_state', 'environment_lock', 'write_provenance', 'ipc_kernel_manager', 'error_location', 'run_stage',
-           'find_run', 'run_pipeline', 'data_markdown', 'compat_markdown', 'preference_markdown', 'headline_markdown',
-           'plain_words', 'report_markdown', 'write_report', 'list_runs', 'format_runs', 'add_cli']
+__all__ = ['STAGES', 'DRY_RUN_STAGES', 'OPTIONAL_STAGES', 'NOTEBOOK_DRIVER', 'StageFailed', 'RunInterrupted', 'stage_notebook',
+           'environment_lock', 'write_provenance', 'ipc_kernel_manager', 'error_location', 'run_stage', 'find_run',
+           'run_pipeline', 'stage_run_dir', 'finish_stage', 'list_runs', 'format_runs', 'add_cli']
 
 # %% ../../nbs/11_pipeline.ipynb #b5c94c85
 STAGES = ("data", "compat", "train", "regressions", "eval")
@@ -44,46 +43,6 @@ def stage_notebook(name: str) -> Path:
     "The source notebook of a stage."
     return project_root() / "nbs" / f"{name}.ipynb"
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-def read_status(run_dir: Path) -> dict:
-    path = Path(run_dir) / "status.json"
-    return json.loads(path.read_text()) if path.exists() else {"status": "new", "stages": {}}
-
-_STATUS_LOCK = threading.Lock()   # the heartbeat thread and the pipeline write the same file
-
-def _write_status(run_dir: Path, status: dict) -> None:
-    with _STATUS_LOCK:
-        tmp = run_dir / ".status.json.tmp"
-        tmp.write_text(json.dumps(status, indent=2) + "\n")
-        tmp.replace(run_dir / "status.json")
-
-def run_state(run_dir: Path, cfg: Config | None = None) -> str:
-    """What a run is, honestly: `running` only while the process that wrote it is alive (pid on this host, heartbeat
-    elsewhere), else `interrupted`. Runs made without the pipeline get a status too: a queue training's own record,
-    or what a stage notebook left (`trained`, `evaluated`, ...)."""
-    run_dir = Path(run_dir)
-    status = read_status(run_dir)
-    if (run_dir / "status.json").exists():
-        if status.get("status") != "running":
-            return status.get("status", "new")
-        t = (cfg or load_run_config(run_dir)).tracking
-        alive = tracking.owner_alive(status.get("owner"), status.get("heartbeat_utc"), t.heartbeat_s * t.stale_heartbeats)
-        return "running" if alive else "interrupted"
-    queue = _json(run_dir / "queue_train.json")
-    if queue:
-        state = queue.get("state", "")
-        if state in ("starting", "running"):
-            import psutil
-            return f"queue {state}" if queue.get("pid") and psutil.pid_exists(queue["pid"]) else "queue interrupted"
-        return f"queue {state}"
-    done = [label for label, path in (("evaluated", "eval/report.json"), ("trained", "train_summary.json"),
-                                      ("regressions checked", "regressions/table.md"), ("data prepared", "data/stats.json"))
-            if (run_dir / path).exists()]
-    if done:
-        return f"stage-only: {done[0]}"
-    return "stage-only: incomplete" if (run_dir / "metrics.jsonl").exists() else "new"
 
 # %% ../../nbs/11_pipeline.ipynb #5299e10f
 def environment_lock() -> str:
@@ -218,7 +177,7 @@ class _Heartbeat:
     def _beat(self):
         while not self.stop.wait(self.every_s):
             self.status["heartbeat_utc"] = _now()
-            _write_status(self.run_dir, self.status)
+            write_status(self.run_dir, self.status)
 
     def __enter__(self):
         self.thread.start()
@@ -257,14 +216,14 @@ def run_pipeline(experiment: str = "json_contacts", hw: str = "cpu", overrides: 
         if not resume:
             write_provenance(cfg, run_dir)
         status = read_status(run_dir)
-        status.update(status="running", experiment=cfg.experiment, hw=cfg.hw.name, dry_run=dry_run,
+        status.update(status="running", driver="pipeline", experiment=cfg.experiment, hw=cfg.hw.name, dry_run=dry_run,
                       started_utc=status.get("started_utc") or _now(), owner=tracking.owner_record(),
                       heartbeat_utc=_now())
         status.pop("finished_utc", None)
         if resume:   # the optional stages the run was started with are part of it
             stages = tuple(stages) + tuple(s for s in status.get("also", []) if s not in stages)
         status["also"] = [s for s in stages if s in OPTIONAL_STAGES]
-        _write_status(run_dir, status)
+        write_status(run_dir, status)
         if cfg.tracking.mlflow:
             run_id = tracking.start_mlflow_run(cfg, run_dir)
             echo(f"mlflow: run {run_id} in {tracking.redact_uri(tracking.mlflow_uri(cfg))}")
@@ -281,7 +240,7 @@ def run_pipeline(experiment: str = "json_contacts", hw: str = "cpu", overrides: 
                     params.update(dry_run=dry_run,
                                   resume=bool(resume) and record.get("status") in ("running", "failed", "interrupted"))
                 status["stages"][name] = {"status": "running", "started_utc": _now()}
-                _write_status(run_dir, status)
+                write_status(run_dir, status)
                 started_a_stage = True
                 start = time.time()
                 try:
@@ -291,7 +250,7 @@ def run_pipeline(experiment: str = "json_contacts", hw: str = "cpu", overrides: 
                 except StageFailed as e:
                     status["stages"][name].update(status="failed", seconds=round(time.time() - start, 1), error=str(e))
                     status["status"] = "failed"
-                    _write_status(run_dir, status)
+                    write_status(run_dir, status)
                     write_report(run_dir)
                     tracking.end_mlflow_run(cfg, run_dir, "FAILED")
                     echo(f"[{i}/{len(todo)}] {name:<12} FAILED after {time.time() - start:.0f}s")
@@ -299,18 +258,18 @@ def run_pipeline(experiment: str = "json_contacts", hw: str = "cpu", overrides: 
                 except KeyboardInterrupt:
                     status["stages"][name].update(status="interrupted", seconds=round(time.time() - start, 1))
                     status.update(status="interrupted", finished_utc=_now())
-                    _write_status(run_dir, status)
+                    write_status(run_dir, status)
                     write_report(run_dir)
                     tracking.end_mlflow_run(cfg, run_dir, "KILLED")
                     raise RunInterrupted(f"interrupted during stage '{name}' after {time.time() - start:.0f}s; "
                                          f"continue with: adapterlab run --resume {run_dir.name}") from None
                 status["stages"][name].update(status="done", seconds=round(time.time() - start, 1),
                                               notebook=str(notebook.relative_to(run_dir)))
-                _write_status(run_dir, status)
+                write_status(run_dir, status)
                 echo(f"[{i}/{len(todo)}] {name:<12} done in {time.time() - start:.0f}s")
         finished = "dry-run ok" if dry_run else "done" if STAGES[-1] in todo else f"stopped after {todo[-1]}"
         status.update(status=finished, finished_utc=_now())
-        _write_status(run_dir, status)
+        write_status(run_dir, status)
         report = write_report(run_dir)
         if cfg.tracking.mlflow:
             tracking.log_run_results(cfg, run_dir)
@@ -323,7 +282,7 @@ def run_pipeline(experiment: str = "json_contacts", hw: str = "cpu", overrides: 
             raise RunInterrupted("interrupted before any stage ran; no run folder kept") from None
         status = read_status(run_dir)
         status.update(status="interrupted", finished_utc=_now())
-        _write_status(run_dir, status)
+        write_status(run_dir, status)
         raise RunInterrupted(f"interrupted; continue with: adapterlab run --resume {run_dir.name}") from None
     except BaseException:
         if not started_a_stage and not resume:   # refused before any stage: leave nothing behind
@@ -335,191 +294,134 @@ def run_pipeline(experiment: str = "json_contacts", hw: str = "cpu", overrides: 
             signal.signal(signal.SIGTERM, previous)
 
 
-# %% ../../nbs/11_pipeline.ipynb #b0db0546
-def _read(path: Path) -> str | None:
-    return path.read_text(encoding="utf-8") if path.exists() else None
+# %% ../../nbs/11_pipeline.ipynb #aa2bf4fd
+NOTEBOOK_DRIVER = "notebooks"   # `status["driver"]` of a run whose stages ran as notebooks one by one (`adapterlab run`: "pipeline")
+_CLAIMS: dict = {}               # in this process (a stage's kernel): run folder -> (stage, its lock, start time)
 
-def _json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+def _is_heads(experiment) -> bool:
+    from adapterlab.config import find_params_file, load_layer
+    return "heads" in load_layer(find_params_file("experiments", experiment)).values
 
-def _demote_headings(md: str, levels: int = 2) -> str:
-    return "\n".join(("#" * levels + line) if line.startswith("#") else line for line in md.splitlines())
+def _same_params(run_dir: Path, cfg: Config) -> bool:
+    from adapterlab.config import config_to_dict, redact_secrets
+    as_text = lambda c: json.dumps(redact_secrets(config_to_dict(c)), sort_keys=True, default=str)
+    return as_text(load_run_config(run_dir)) == as_text(cfg)
 
-def _section(title: str, body: str | None, missing: str) -> str:
-    return f"## {title}\n\n{body.strip() if body else '_' + missing + '_'}\n"
+def _next_run(stage: str, cfg: Config, same_params: bool):
+    "The newest notebook-made run of this experiment/profile whose previous stage is done and this one not yet (nor a later one), locked."
+    i = STAGES.index(stage)
+    def fits(run_dir: Path) -> bool:
+        status = read_status(run_dir)
+        done = {n for n, r in status.get("stages", {}).items() if r.get("status") == "done"}
+        return (status.get("driver") == NOTEBOOK_DRIVER and (status.get("experiment"), status.get("hw")) == (cfg.experiment, cfg.hw.name)
+                and not done & set(STAGES[i:]) and (i == 0 or STAGES[i - 1] in done) and (not same_params or _same_params(run_dir, cfg)))
+    for run_dir in sorted((p.parent for p in runs_root(cfg).glob("*/status.json")), reverse=True):
+        if not fits(run_dir):
+            continue
+        try:
+            lock = tracking.lock_run(run_dir)
+        except tracking.RunBusy:   # another kernel is running a stage of it
+            continue
+        if fits(run_dir):          # still, now that it is ours: a kernel may have finished this very stage meanwhile
+            return run_dir, lock
+        lock.release()
+    return None
 
-def _fmt(v) -> str:
-    "Numbers as a reader wants them in a table: 4 significant digits, integers as they are."
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+def _claim(run_dir: Path, stage: str, lock) -> None:
+    status = read_status(run_dir)
+    status.update(status="running", owner=tracking.owner_record(), heartbeat_utc=_now())
+    status.pop("finished_utc", None)
+    status.setdefault("stages", {})[stage] = {"status": "running", "started_utc": _now()}
+    write_status(run_dir, status)
+    _CLAIMS[run_dir.resolve()] = (stage, lock, time.time())
+    # in a kernel, a cell that raises ends the stage as failed (Ctrl-C / interrupt: interrupted), as the pipeline records it
+    shell = sys.modules["IPython"].get_ipython() if "IPython" in sys.modules else None
+    if shell is not None and _after_cell not in shell.events.callbacks["post_run_cell"]:
+        shell.events.register("post_run_cell", _after_cell)
 
-def _drop_title(md: str) -> str:
-    "A stage's own Markdown without its `# Title` line (the report gives the section its heading)."
-    lines = md.strip().splitlines()
-    return "\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines)
+def _after_cell(result) -> None:
+    error = result.error_in_exec
+    if error is not None:
+        for run_dir in list(_CLAIMS):
+            if isinstance(error, SystemExit) and not error.code:   # the notebook stopped itself, cleanly (a dry run)
+                _end_claim(run_dir, "stopped")
+            else:
+                _end_claim(run_dir, "interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
+                           f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}")
 
-def _table(header: list[str], rows: list[list]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows])
+def _end_claim(run_dir: Path, state: str, error: str | None = None) -> str:
+    "Record the claimed stage's end; the run is `done` when the last stage ends and every stage is done."
+    stage, lock, start = _CLAIMS.pop(run_dir)
+    try:
+        status = read_status(run_dir)
+        status["stages"][stage].update(status=state, seconds=round(time.time() - start, 1), **({"error": error} if error else {}))
+        complete = all(status["stages"].get(s, {}).get("status") == "done" for s in STAGES)
+        status["status"] = ("done" if complete else "incomplete") if state in ("done", "stopped") else state
+        if complete or state in ("failed", "interrupted"):
+            status["finished_utc"] = _now()
+        write_status(run_dir, status)
+        cfg = load_run_config(run_dir)
+        if stage == STAGES[-1] or state in ("failed", "interrupted"):
+            write_report(run_dir)
+        if complete:
+            tracking.log_run_results(cfg, run_dir) if cfg.tracking.mlflow else None
+        if complete or state in ("failed", "interrupted"):
+            tracking.end_mlflow_run(cfg, run_dir, {"done": "FINISHED", "failed": "FAILED"}.get(status["status"], "KILLED"))
+        return status["status"]
+    finally:
+        lock.release()
 
-def data_markdown(stats: dict | None, run_dir: Path) -> str | None:
-    "The data stage's statistics as a reader wants them: inputs and rejects, the split, token lengths, weights."
-    if not stats:
+def stage_run_dir(stage: str, experiment: str | Path = "json_contacts", hw: str | Path = "cpu",
+                  overrides: list[str] | None = None, run_dir: str | Path | None = None, injected: dict | None = None) -> Path | None:
+    """The run folder a stage notebook works in, and the stage recorded as `running` in its `status.json`.
+    `run_dir` given (`adapterlab run`, `papermill -p run_dir`): that folder; its status is recorded only when the stage
+    notebooks made it (the pipeline keeps its own). Without one: the newest run of this experiment and profile made by
+    the notebooks whose previous stage is done and this one (or a later one) is not, with the same parameters for the
+    stages that define them (data, compat, train), else a new run. None where the stage's own default applies: a heads
+    experiment, or an eval with no run to continue (the eval stage then takes the newest trained run)."""
+    for claimed in list(_CLAIMS):   # the notebook started again in the same kernel before its last stage ended
+        _end_claim(claimed, "interrupted", "started again before it finished")
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        status = read_status(run_dir)
+        if status.get("driver") == NOTEBOOK_DRIVER and stage in STAGES:
+            _claim(run_dir, stage, tracking.lock_run(run_dir, status.get("owner")))
+        return run_dir
+    if stage not in STAGES or _is_heads(experiment):
         return None
-    inputs = _table(["input", "source", "records", "valid", "rejected", "too long: dropped", "truncated"],
-                    [[name, f"`{i['source']}`", i["records"], i["valid"], i["rejected"], i["dropped_too_long"],
-                      i["truncated"]] for name, i in stats.get("inputs", {}).items()])
-    split = stats.get("split", {})
-    lines = [inputs, "",
-             f"Split (seed {split.get('seed')}, validation fraction {split.get('val_fraction')}): "
-             f"**{split.get('train')}** train and **{split.get('val')}** validation examples; "
-             f"{stats.get('duplicates_removed', 0)} exact duplicates removed; "
-             f"{stats.get('eval_overlap_with_train', 0)} eval prompts also in the training data."]
-    tokens = stats.get("tokens", {})
-    parts = [k for k in ("train", "val", "eval") if isinstance(tokens.get(k), dict)]
-    if parts:
-        lines += ["", f"Tokens per example after the chat template (limit {tokens.get('max_seq_length')}, "
-                      f"longer ones: {tokens.get('too_long')}):", "",
-                  _table(["split", "examples", "min", "median", "p95", "max"],
-                         [[k] + [tokens[k].get(c) for c in ("count", "min", "median", "p95", "max")] for k in parts])]
-    weights = stats.get("weights", {})
-    if weights.get("classes"):
-        lines += ["", "Weights (weighted sampling " + ("on" if weights.get("weighted_sampling") else "off") + "):", "",
-                  _table(["weight", "label", "records", "share of records", "expected share of draws",
-                          "observed share of draws"],
-                         [[c["weight"], c.get("label") or "", c["records"], c["share_of_records"],
-                           c.get("expected_share_of_draws"), c.get("observed_share_of_draws")] for c in weights["classes"]])]
-    if (run_dir / "data" / "lengths.png").exists():
-        lines += ["", "![token lengths](data/lengths.png)"]
-    if (run_dir / "data" / "rejects.jsonl").exists():
-        lines += ["", "Rejected records, with reasons: [data/rejects.jsonl](data/rejects.jsonl)"]
-    return "\n".join(lines)
-
-def compat_markdown(compat: dict | None) -> str | None:
-    "What the compat stage decided for this run: versions, how many settings went where, and every translated one."
-    if not compat:
+    from adapterlab.config import _resolve
+    cfg, _ = _resolve(experiment, hw, overrides, injected)
+    found = _next_run(stage, cfg, same_params=stage in ("data", "compat", "train"))
+    if found is None and stage == "eval":
         return None
-    steps = compat["run"]["steps"]
-    versions = ", ".join(f"{k} {v}" for k, v in compat.get("versions", {}).items() if k in ("trl", "transformers", "peft"))
-    moved = [st for st in steps if st["how"] not in ("field", "canonical")]
-    lines = [f"On {versions}: all {len(steps)} training settings of this run placed, none dropped"
-             + (f"; {len(moved)} of them translated:" if moved else "; none needed translating."), ""]
-    if moved:
-        lines += [_table(["given", "placed as", "why"],
-                         [[f"`{st['given']}`", f"`{st['where']}({st['name']}=…)`", st.get("note") or st["how"]]
-                          for st in moved]), ""]
-    lines.append("The full decision record, with the evidence and every TRL release: [compat/ADR.md](compat/ADR.md).")
-    return "\n".join(lines)
+    if found is None:
+        cfg, run_dir = open_run(experiment, hw, overrides, None, injected)
+        lock = tracking.lock_run(run_dir)
+        write_provenance(cfg, run_dir)
+        write_status(run_dir, {"status": "new", "driver": NOTEBOOK_DRIVER, "experiment": cfg.experiment, "hw": cfg.hw.name,
+                               "dry_run": False, "also": [], "started_utc": _now(), "stages": {}})
+        tracking.start_mlflow_run(cfg, run_dir) if cfg.tracking.mlflow else None
+        print(f"new run {run_dir.name}" + (f" (no unfinished run of {cfg.experiment} on {cfg.hw.name} with these parameters "
+                                           f"has '{STAGES[STAGES.index(stage) - 1]}' done)" if stage != STAGES[0] else ""))
+    else:
+        run_dir, lock = found
+        print(f"continuing run {run_dir.name}")
+    _claim(run_dir, stage, lock)
+    return run_dir
 
-def preference_markdown(summary: dict, run_dir: Path) -> str:
-    "The preference stage's metrics, verification and base / SFT / DPO comparison, for the report."
-    # write_artifact versions artifacts side by side in the run folder: the DPO one is `artifact-vN` beside the SFT one
-    from adapterlab.train import verification_table
-    lines = [_table(["metric", "value"], [[k, v] for k, v in summary["metrics"].items() if not isinstance(v, (dict, list))]),
-             "", "![DPO loss and reward margin](preference/loss.png)", "", "### Verification", "",
-             verification_table(summary),
-             "", f"DPO artifact: [{Path(summary['artifact']).name}/]({Path(summary['artifact']).name}/README.md)"]
-    comparison = _read(run_dir / "preference" / "eval" / "report.md")
-    if comparison:
-        lines += ["", "### What DPO changed on the eval set", "", comparison.strip()]
-    return "\n".join(lines)
-
-def _model_choice(run_dir: Path) -> str:
-    "Why this base model, when a hardware profile's default and the experiment disagreed (params_origin.yaml)."
-    import yaml
-    origin = yaml.safe_load(_read(run_dir / "params_origin.yaml") or "{}") or {}
-    why = str(origin.get("model.base_model", ""))
-    return f" (from {why})" if ", over " in why else ""
-
-def headline_markdown(run_dir: Path, state: str, status: dict) -> str:
-    """The answer first: base vs adapter on the eval metrics with their 95% intervals and the verdict, or why there is
-    no answer yet (the run failed, was interrupted, or has not reached the eval stage)."""
-    ev = _json(run_dir / "eval" / "report.json")
-    if not ev:
-        failed = [(n, r) for n, r in status.get("stages", {}).items() if r.get("status") in ("failed", "interrupted")]
-        why = (f"stage **{failed[-1][0]}** {failed[-1][1]['status']}" + (f": {failed[-1][1]['error']}" if failed[-1][1].get("error") else "")
-               if failed else "the eval stage has not run")
-        return f"**No verdict yet**: {why}. Run status: **{state}**."
-    metrics = ev["metrics"]
-    counts = {v: [n for n, m in metrics.items() if m["verdict"] == v] for v in ("adapter better", "adapter worse", "no clear change")}
-    verdict = ("; ".join(f"{v} on {', '.join(names)}" for v, names in counts.items() if names) or "no metrics")
-    rows = [[name, m["base"], m["adapter"], f"{m['delta']:+.4g}", f"[{m['ci95'][0]:+.4g}, {m['ci95'][1]:+.4g}]", m["verdict"]]
-            for name, m in metrics.items()]
-    return "\n".join([f"**Verdict: {verdict}** ({ev['n_examples']} eval examples, paired bootstrap 95% intervals of "
-                      f"adapter − base). Run status: **{state}**.", "",
-                      _table(["metric", "base", "adapter", "change", "95% interval of the change", "verdict"], rows)])
-
-_EMOJI_WORDS = (("✅ ", ""), ("❌ ", ""), ("⚠️ ", ""), ("⚠ ", ""), ("✅", "yes"), ("❌", "no"))
-
-def plain_words(md: str) -> str:
-    "Emoji marks of the stages' tables as the plain words next to them (a report is read, printed, grepped)."
-    for mark, word in _EMOJI_WORDS:
-        md = md.replace(mark, word)
-    return md
-
-def report_markdown(run_dir: str | Path) -> str:
-    "The run report as Markdown (links are relative to the run folder)."
-    run_dir = Path(run_dir)
-    status, cfg = read_status(run_dir), load_run_config(run_dir)
-    state = run_state(run_dir, cfg)
-    stages = "\n".join(f"| {n} | {r.get('status')} | {r.get('seconds', '')} | "
-                       + (f"[notebook]({r['notebook']})" if r.get("notebook") else (r.get("error", "").splitlines() or [""])[0])
-                       + " |" for n, r in status.get("stages", {}).items())
-    parts = [f"# Run `{run_dir.name}`\n", headline_markdown(run_dir, state, status) + "\n",
-             f"Experiment **{cfg.experiment}** on hardware profile **{cfg.hw.name}**, base model `{cfg.model.base_model}`"
-             f"{_model_choice(run_dir)}, "
-             f"LoRA r={cfg.lora.r} α={cfg.lora.alpha} on `{cfg.lora.target_modules}`, seed {cfg.seed}. "
-             f"Status: **{state}**.\n",
-             "| stage | status | seconds | record |\n|---|---|---|---|\n" + stages + "\n",
-             "Parameters: [params.yaml](params.yaml) (origin of every value: [params_origin.yaml](params_origin.yaml)); "
-             "environment: [environment.txt](environment.txt); provenance: [provenance.json](provenance.json).\n"]
-    data_md = data_markdown(_json(run_dir / "data" / "stats.json"), run_dir)
-    parts.append(_section("Data", data_md, "the data stage did not run"))
-    parts.append(_section("Compatibility", compat_markdown(_json(run_dir / "compat" / "compat.json")),
-                          "the compat stage did not run"))
-    summary = _json(run_dir / "train_summary.json")
-    dry = _json(run_dir / "dry_run.json")
-    train_md = None
-    if summary:
-        from adapterlab.train import memory_table, verification_table   # (torch: only when there is training to show)
-        m = summary["metrics"]
-        train_md = _table(["metric", "value"], [[k, v] for k, v in m.items()])
-        train_md += "\n\n![loss](loss.png)\n\n### Verification\n\n" + verification_table(summary)
-        if summary.get("memory"):
-            train_md += "\n\n### Memory: planned vs measured\n\n" + memory_table(summary["memory"])
-        train_md += f"\n\nArtifact: [{Path(summary['artifact']).name}/]({Path(summary['artifact']).name}/README.md)"
-    elif dry:
-        train_md = "Dry run, nothing trained:\n\n| item | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in dry.items())
-    plan = _read(run_dir / "plan.md")
-    parts.append(_section("Training", ((plan + "\n\n") if plan else "") + train_md if train_md else None,
-                          "the train stage did not run"))
-    regressions = _read(run_dir / "regressions" / "table.md")
-    parts.append(_section("Regression checks", _drop_title(regressions) if regressions else None,
-                          "the regressions stage did not run"))
-    eval_md = _read(run_dir / "eval" / "report.md")
-    parts.append(_section("Evaluation: base vs adapter", _demote_headings(eval_md).replace("](", "](eval/") if eval_md else None,
-                          "the eval stage did not run"))
-    preference = _json(run_dir / "preference" / "summary.json")
-    if preference or "preference" in status.get("stages", {}):
-        parts.append(_section("Preference tuning (DPO)", preference_markdown(preference, run_dir) if preference else None,
-                              "the preference stage did not finish"))
-    return plain_words("\n".join(parts))
-
-def write_report(run_dir: str | Path) -> Path:
-    "Write `report.md` and a standalone `report.html` into the run folder."
-    import markdown
-    run_dir = Path(run_dir)
-    md = report_markdown(run_dir)
-    (run_dir / "report.md").write_text(md, encoding="utf-8")
-    body = markdown.markdown(md, extensions=["tables", "fenced_code"])
-    style = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;line-height:1.5}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25rem .6rem}img{max-width:100%}"
-             "code{background:#f4f4f4;padding:0 .2rem}"
-             # wide blocks wrap instead of running off the page
-             "pre{white-space:pre-wrap;overflow-wrap:anywhere}td,th{overflow-wrap:anywhere}"
-             "table{display:block;overflow-x:auto;max-width:100%}")
-    (run_dir / "report.html").write_text(f"<!doctype html><meta charset='utf-8'><title>{html.escape(run_dir.name)}</title>"
-                                         f"<style>{style}</style>{body}", encoding="utf-8")
-    return run_dir / "report.md"
+def finish_stage(run_dir: str | Path) -> str | None:
+    """A stage notebook's last cell: its stage `done` in a run the notebooks drive; after the last stage,
+    the run `done` (every stage done, else `incomplete`) and its report written, as `adapterlab run` does. Returns the
+    run's status, or None where this process recorded no stage (the pipeline keeps the status)."""
+    key = Path(run_dir).resolve()
+    if key not in _CLAIMS:
+        return None
+    stage = _CLAIMS[key][0]
+    state = _end_claim(key, "done")
+    after = STAGES[STAGES.index(stage) + 1] if stage != STAGES[-1] else None
+    print(f"run {key.name}: {stage} done; run {state}"
+          + (f"; next: nbs/{after}.ipynb" if after else f"; report: {key / 'report.md'}"))
+    return state
 
 # %% ../../nbs/11_pipeline.ipynb #f3d0909f
 def list_runs(root: Path | None = None) -> list[dict]:
