@@ -115,11 +115,13 @@ def write_provenance(cfg: Config, run_dir: Path) -> dict:
 # %% ../../nbs/11_pipeline.ipynb #18d66417
 def ipc_kernel_manager(folder: Path):
     """A jupyter `KernelManager` class whose kernel talks over Unix sockets in `folder`: nothing listens on a TCP port
-    (the kernel would otherwise warn, rightly, that its traffic is unencrypted on localhost)."""
-    from jupyter_client.manager import KernelManager
+    (the kernel would otherwise warn, rightly, that its traffic is unencrypted on localhost). It is the asynchronous
+    manager nbclient uses by default: with the blocking one, nbclient's event loop sat in a blocking socket read for
+    the whole of a cell, where a first Ctrl-C was lost and a dead kernel was never noticed (issue 15)."""
+    from jupyter_client.manager import AsyncKernelManager
     from traitlets import default
 
-    class IPCKernelManager(KernelManager):
+    class IPCKernelManager(AsyncKernelManager):
         @default("transport")
         def _transport_default(self):
             return "ipc"
