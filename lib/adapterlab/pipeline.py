@@ -72,13 +72,17 @@ def write_provenance(cfg: Config, run_dir: Path) -> dict:
     return prov
 
 # %% ../../nbs/11_pipeline.ipynb #18d66417
-def ipc_kernel_manager(folder: Path):
+def ipc_kernel_manager(folder: Path, log: Path | None = None):
     """A jupyter `KernelManager` class whose kernel talks over Unix sockets in `folder`: nothing listens on a TCP port
-    (the kernel would otherwise warn, rightly, that its traffic is unencrypted on localhost)."""
-    from jupyter_client.manager import KernelManager
+    (the kernel would otherwise warn, rightly, that its traffic is unencrypted on localhost). It is the asynchronous
+    manager nbclient uses by default: with the blocking one, nbclient's event loop sat in a blocking socket read for
+    the whole of a cell, where a first Ctrl-C was lost and a dead kernel was never noticed (issue 15). The kernel
+    process's own stderr (not the cells' output, which comes over its sockets) goes to `log`: a kernel stopped by
+    Ctrl-C may print a traceback there, which is not for the terminal."""
+    from jupyter_client.manager import AsyncKernelManager
     from traitlets import default
 
-    class IPCKernelManager(KernelManager):
+    class IPCKernelManager(AsyncKernelManager):
         @default("transport")
         def _transport_default(self):
             return "ipc"
@@ -86,6 +90,12 @@ def ipc_kernel_manager(folder: Path):
         @default("ip")
         def _ip_default(self):
             return str(folder / "kernel")   # absolute: the kernel runs in the notebook's folder, not ours
+
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            if log is None:
+                return await super()._async_launch_kernel(kernel_cmd, **kw)
+            with open(log, "ab") as err:   # the kernel holds its own copy of the descriptor
+                return await super()._async_launch_kernel(kernel_cmd, **{"stderr": err, **kw})
 
     return IPCKernelManager
 
@@ -135,7 +145,7 @@ def run_stage(name: str, index: int, run_dir: Path, parameters: dict, progress=N
             papermill.execute_notebook(str(src), str(out), parameters=parameters, kernel_name="python3",
                                        progress_bar=False, log_output=False, cwd=str(src.parent),
                                        stdout_file=progress, stderr_file=progress,
-                                       kernel_manager_class=ipc_kernel_manager(Path(sockets)))
+                                       kernel_manager_class=ipc_kernel_manager(Path(sockets), log))
     except PapermillExecutionError as e:
         if e.ename == "KeyboardInterrupt":   # Ctrl-C reached the kernel before us
             raise KeyboardInterrupt from None

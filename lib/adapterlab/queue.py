@@ -163,6 +163,10 @@ def _write_durable(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
+def _ends_a_line(head: bytes, rest: bytes) -> bool:
+    "Whether cutting a queue into `head` + `rest` splits no line (a queue ending in a crashed half line ends a line)."
+    return not head or head.endswith(b"\n") or rest[:1] in (b"", b"\n")
+
 def archive_consumed(path: str | Path, snapshot: str | Path) -> Path:
     "Move the snapshot's records from the head of the queue to a timestamped archive; returns the archive file."
     path, snap = Path(path), Path(snapshot).read_bytes()
@@ -171,6 +175,9 @@ def archive_consumed(path: str | Path, snapshot: str | Path) -> Path:
         if not current.startswith(snap):
             raise QueueError(f"{path}: the queue no longer starts with the records that were trained on "
                              f"({snapshot}); it was edited meanwhile, so it is left as it is")
+        if not _ends_a_line(snap, current[len(snap):]):
+            raise QueueError(f"{path}: {snapshot} ends inside a record of the queue (it was read while a record was "
+                             "being appended, without the queue's lock); nothing archived")
         adir = archive_dir(path)
         adir.mkdir(parents=True, exist_ok=True)
         target = adir / f"{path.stem}-{_utc_stamp()}.jsonl"
@@ -234,8 +241,8 @@ def start_training(experiment: str | None = None, hw: str = "cpu", overrides: li
                                     start_new_session=True)
         _write_worker_status(run_dir, "starting", pid=proc.pid)
         marker = marker_path(path)
-        marker.write_text(json.dumps({"pid": proc.pid, "run_dir": str(run_dir), "records": n,
-                                      "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+        _write_durable(marker, json.dumps({"pid": proc.pid, "run_dir": str(run_dir), "records": n,
+                                           "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}).encode())
     return {"run_dir": run_dir, "pid": proc.pid, "log": log, "records": n, "process": proc}
 
 def _write_worker_status(run_dir: Path, state: str, **info) -> None:

@@ -346,9 +346,9 @@ class AdapterSet:
     def add(self, name: str, artifact: str | Path) -> None:
         "Verify an artifact and load it as adapter `name` (the active adapter does not change, except for the first)."
         with self.lock:
-            folder = require_verified(artifact, self.model)
-            if name in self.artifacts:
+            if name in self.artifacts:   # before verification: a taken name needs no file read
                 raise ValueError(f"adapter name {name!r} is already taken by {self.artifacts[name]}")
+            folder = require_verified(artifact, self.model)   # metadata (the base below) is believed only after this
             identity = _base_identity(folder)
             if self._base is not None and identity != self._base:
                 first = next(iter(self.artifacts.values()))

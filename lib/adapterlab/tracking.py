@@ -23,7 +23,7 @@ from .config import AdapterlabError, Config, runs_root
 # %% auto #0
 __all__ = ['TRACKING_FILE', 'run_folder', 'read_tracking', 'redact_uri', 'mlflow_uri', 'start_mlflow_run', 'report_to',
            'log_run_results', 'end_mlflow_run', 'RunBusy', 'owner_record', 'owner_alive', 'lock_run', 'parse_tqdm',
-           'train_total_steps', 'StageProgress']
+           'bar_shape', 'train_total_steps', 'StageProgress']
 
 # %% ../../nbs/20_tracking.ipynb #f356b805
 TRACKING_FILE = "tracking.json"
@@ -253,6 +253,19 @@ def _eta(seconds: float | None) -> str:
     s = int(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
+# %% ../../nbs/20_tracking.ipynb #c41d7e2a
+def bar_shape(out) -> dict:
+    "tqdm's size arguments for a bar on `out`: follow the terminal's size, unless it reports none (then a fixed one)."
+    import shutil
+    try:
+        size = os.get_terminal_size(out.fileno())
+        if size.columns > 0 and size.lines > 0:
+            return {"dynamic_ncols": True}
+    except (AttributeError, OSError, ValueError):   # not a file descriptor, or not a terminal
+        pass
+    size = shutil.get_terminal_size()
+    return {"ncols": size.columns, "nrows": size.lines}
+
 # %% ../../nbs/20_tracking.ipynb #3ec6eeba
 def train_total_steps(cfg: Config, row: dict, stage: str = "train") -> int | None:
     "Optimizer steps the trainer will run, from the config and a logged row (step, epoch) when it trains by epochs."
@@ -344,8 +357,8 @@ class StageProgress:
                     if bar is not None:
                         bar.close()
                     bar = self._bars[desc] = tqdm(total=total, desc=f"  {desc}", file=self.out, leave=False,
-                                                  dynamic_ncols=True, unit="step" if desc == self.stage else "ex",
-                                                  initial=n if desc == self.stage else 0)
+                                                  unit="step" if desc == self.stage else "ex",
+                                                  initial=n if desc == self.stage else 0, **bar_shape(self.out))
                 bar.update(max(0, n - bar.n))
                 if info:
                     bar.set_postfix_str(info, refresh=True)
