@@ -30,7 +30,7 @@ install: $(STAMP)
 run: install
 	$(BIN)/adapterlab run --hw cpu
 
-test: install sync-check readme-check nbtest pytest pipeline-ci docs
+test: install sync-check readme-check nbtest pytest pipeline-oldest pipeline-ci compat-newest docs
 
 # lib/ must be exactly what nbdev exports from nbs/, and notebooks must be clean (no outputs, no stray metadata).
 sync-check: install

@@ -332,6 +332,30 @@ def test_compat_stage_writes_the_adr_and_json(tmp_path):
     assert render_adr(saved) == render_adr(report)        # the JSON holds everything the ADR says
 
 
+
+def test_adr_lists_the_releases_the_pipeline_ran_on(tmp_path):
+    "The records `make pipeline-oldest` and `make compat-newest` leave: each finished one is listed, oldest TRL first."
+    from adapterlab.compat_adr import compat_report, releases_run
+    folder = tmp_path / "outputs" / "compat" / "runs"
+    folder.mkdir(parents=True)
+    def record(label, trl, status):
+        pk = {"trl": trl, "transformers": f"tf-{label}", "peft": f"peft-{label}", "torch": "2.13.0+cpu"}
+        (folder / f"{label}.json").write_text(json.dumps({"label": label, "status": status, "packages": pk,
+                                                          "run_id": f"run-{label}", "seconds": 1.0}))
+    record("newest", "1.16.0", "done")
+    record("oldest", "0.20.0", "done")
+    record("broken", "0.9.0", "failed")
+    runs = releases_run(tmp_path)
+    assert [r["label"] for r in runs] == ["oldest", "newest"]   # by TRL version, not by file name; failed left out
+    report = compat_report()
+    report["releases_run"] = runs
+    section = render_adr(report).split("### Releases the pipeline has run on")[1]
+    for label, trl in (("oldest", "0.20.0"), ("newest", "1.16.0")):
+        assert f"| {label} | {trl} | tf-{label} | peft-{label} |" in section and f"`run-{label}`" in section
+    assert "broken" not in section
+    report["releases_run"] = releases_run(tmp_path / "nowhere")
+    assert "none recorded in this checkout yet" in render_adr(report)
+
 @pytest.mark.slow
 def test_stage_notebook_runs_under_papermill(tmp_path):
     import papermill
