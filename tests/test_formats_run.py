@@ -103,13 +103,6 @@ def test_a_users_sharegpt_json_array_runs_the_whole_pipeline(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_users_parquet_prompt_completion_file_runs_the_whole_pipeline(tmp_path):
-    exp = user_experiment(tmp_path / "me", "my_parquet", "prompt_completion.parquet")
-    proc = adapterlab("run", "--hw", "cpu", "-f", str(exp), cwd=tmp_path)
-    assert_a_good_run(proc, tmp_path / "me", "prompt_completion", 32)
-
-
-@pytest.mark.slow
 def test_a_preference_file_trains_then_runs_dpo_with_also_preference(tmp_path):
     "Implicit-prompt pairs (two transcripts): SFT learns the chosen answers, then DPO on the same file."
     me = tmp_path / "me"
