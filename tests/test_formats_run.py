@@ -87,6 +87,7 @@ def assert_a_good_run(proc, folder: Path, fmt: str, records: int, stages=STAGES)
     assert f"formats {{'{fmt}': {records}}}" in data_nb
     report = (run / "report.md").read_text()
     assert "the eval stage did not run" not in report and "## Evaluation" in report
+    assert f"| {fmt} ({records}) |" in report        # the report's data table names the format it read
     # plain-text answers: text metrics chosen, no JSON metric (issue 14: eval fits the task)
     ev = (run / "eval" / "report.md").read_text()
     assert "| exact_match" in ev and "json_validity: left out by auto" in ev and "| json_validity" not in ev

@@ -94,9 +94,10 @@ def data_markdown(stats: dict | None, run_dir: Path) -> str | None:
     "The data stage's statistics as a reader wants them: inputs and rejects, the split, token lengths, weights."
     if not stats:
         return None
-    inputs = _table(["input", "source", "records", "valid", "rejected", "too long: dropped", "truncated"],
-                    [[name, f"`{i['source']}`", i["records"], i["valid"], i["rejected"], i["dropped_too_long"],
-                      i["truncated"]] for name, i in stats.get("inputs", {}).items()])
+    formats = lambda i: ", ".join(f"{k} ({v})" for k, v in (i.get("formats") or {}).items())  # what the reader saw
+    inputs = _table(["input", "source", "format", "records", "valid", "rejected", "too long: dropped", "truncated"],
+                    [[name, f"`{i['source']}`", formats(i), i["records"], i["valid"], i["rejected"],
+                      i["dropped_too_long"], i["truncated"]] for name, i in stats.get("inputs", {}).items()])
     split = stats.get("split", {})
     lines = [inputs, "",
              f"Split (seed {split.get('seed')}, validation fraction {split.get('val_fraction')}): "
