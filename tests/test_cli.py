@@ -14,7 +14,7 @@ from adapterlab.cli import COMMANDS, build_parser, main
 from adapterlab.config import project_root, resolve_config
 
 # Encoder-head commands take a heads experiment (one with a `heads:` section), which the causal-LM default is not.
-HEADS_COMMANDS = {"heads-train", "regressions"}
+HEADS_COMMANDS = {"heads-train"}   # `regressions` takes either kind and defaults like every stage
 
 
 def _help(*argv: str) -> str:

@@ -135,7 +135,7 @@ def regression_stage(run_dir: str | Path, inputs: CheckInputs, prove_guards: boo
     return results
 
 # %% ../../nbs/08_regressions.ipynb #52f5a252
-def open_regressions_run(experiment: str = "minilm_heads", hw: str = "cpu", overrides: list[str] | None = None,
+def open_regressions_run(experiment: str = "json_contacts", hw: str = "cpu", overrides: list[str] | None = None,
                          run_dir: str | Path | None = None, lm_experiment: str | None = None) -> tuple[CheckInputs, Path]:
     "The checks' inputs (a run folder's own, when it has parameter snapshots), and the run folder their table goes to."
     from adapterlab.config import make_run_dir, save_config
@@ -168,7 +168,7 @@ def _cmd_regressions(args) -> int:
 def add_cli(subparsers) -> None:
     import argparse
     p = subparsers.add_parser("regressions", help="reproduce every historical pipeline bug and show it is guarded")
-    p.add_argument("-f", "--experiment", default="minilm_heads",
+    p.add_argument("-f", "--experiment", default="json_contacts",
                    help="experiment whose model the checks run on: a heads experiment (encoder checks) or a causal-LM one (TRL check)")
     p.add_argument("--hw", default="cpu")
     p.add_argument("--lm-experiment", default=None,
