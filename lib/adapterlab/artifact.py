@@ -27,7 +27,7 @@ from .signing import SIGNATURE_FILE, check_signature, record_artifact, sign_fold
 
 # %% auto #0
 __all__ = ['REQUIRED_FILES', 'OPTIONAL_FILES', 'ADAPTER_RECORD_KEYS', 'PICKLE_SUFFIXES', 'SCHEMAS', 'ArtifactError',
-           'next_artifact_dir', 'clean_stale_temp', 'write_artifact', 'verify_artifact']
+           'next_artifact_dir', 'clean_stale_temp', 'write_artifact', 'verify_artifact', 'read_adapter_config']
 
 # %% ../../nbs/06_artifact.ipynb #ca44755c
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "metadata.json", "training_config.yaml",
@@ -424,3 +424,15 @@ def _base_problems(meta: dict, base: Path) -> list[str]:
                  for n in found if n not in names]
     return problems
 
+
+# %% ../../nbs/06_artifact.ipynb #e1ae704b
+def read_adapter_config(artifact: str | Path) -> dict:
+    "An adapter folder's `adapter_config.json` as a dict; an `ArtifactError` naming the file when it is missing or not JSON."
+    path = Path(artifact) / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}: unreadable ({e})") from None
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{path}: not a JSON object")
+    return config

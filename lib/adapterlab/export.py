@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 import adapterlab
-from .artifact import ArtifactError, package_versions, redact_secrets, verify_artifact
+from .artifact import ArtifactError, package_versions, read_adapter_config, redact_secrets, verify_artifact
 from .config import AdapterlabError
 from .models import ModelSource, resolve_model, sha256_file
 
@@ -56,9 +56,9 @@ def lora_gguf_problems(artifact: str | Path) -> list[str]:
     "What in this adapter llama.cpp's LoRA GGUF cannot represent, one line each; `[]` means it converts faithfully."
     folder = Path(artifact)
     try:
-        config = json.loads((folder / "adapter_config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return [f"{folder / 'adapter_config.json'}: unreadable ({e})"]
+        config = read_adapter_config(folder)
+    except ArtifactError as e:
+        return [str(e)]
     checks = [("use_rslora", "rsLoRA scales by alpha/sqrt(r); llama.cpp by alpha/r"),
               ("use_dora", "DoRA has magnitude vectors a GGUF LoRA has no place for"),
               ("rank_pattern", "per-module ranks"), ("alpha_pattern", "per-module alphas"),

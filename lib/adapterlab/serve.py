@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import adapterlab
-from .artifact import ArtifactError, package_versions, redact_secrets, verify_artifact
+from .artifact import ArtifactError, package_versions, read_adapter_config, redact_secrets, verify_artifact
 from .artifact_load import load_verified_adapter, require_verified
 from .config import (AdapterlabError, Config, build_dataclass, load_layer, merge_layers, params_dir,
                                runs_root)
@@ -581,9 +581,9 @@ def vllm_lora_problems(artifact: str | Path, *, max_lora_rank: int = VLLM_DEFAUL
     from safetensors import safe_open
     folder = Path(artifact)
     try:
-        config = json.loads((folder / "adapter_config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return [f"adapter_config.json: unreadable ({e})"]
+        config = read_adapter_config(folder)
+    except ArtifactError as e:
+        return [str(e)]
     problems = [f"adapter_config.json: {k}: missing (vLLM requires it)" for k in ("r", "lora_alpha", "target_modules")
                 if k not in config]
     if config.get("r", 0) > max_lora_rank:
