@@ -210,7 +210,7 @@ def test_vllm_lora_loader_checks(tmp_path):
 def test_feedback_classes_and_records():
     """The seed's /critical /medium /good as queue records: /medium is the queue's `improvement`; a correction is the
     answer to learn and the model's answer is kept as `rejected`, which is what the preference stage reads."""
-    from adapterlab.serve import FeedbackError, answer_feedback, feedback_class
+    from adapterlab.feedback import FeedbackError, answer_feedback, feedback_class
     cfg, _ = resolve_config("ci", "cpu")
     assert [feedback_class(k) for k in ("/critical", "medium", "improvement", "GOOD")] == \
         ["critical", "improvement", "improvement", "good"]

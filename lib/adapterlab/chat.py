@@ -12,7 +12,8 @@ import threading
 from typing import Callable, TextIO
 
 from .config import AdapterlabError
-from .serve import AdapterSet, FeedbackLoop, describe_training_event, open_adapters, watch_training
+from .feedback import FeedbackLoop, describe_training_event, open_adapters, watch_training
+from .serve import AdapterSet
 
 # %% auto #0
 __all__ = ['PROMPT', 'HELP', 'Chat', 'add_cli']

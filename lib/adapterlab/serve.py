@@ -13,7 +13,6 @@ import json
 import shutil
 import tempfile
 import threading
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -24,16 +23,12 @@ from .artifact_load import load_verified_adapter, require_verified
 from .config import (AdapterlabError, Config, build_dataclass, load_layer, merge_layers, params_dir,
                                runs_root)
 from .models import ModelSource, load_base_model, sha256_file, torch_dtype
-from .queue import (QueueError, append_records, feedback_record, queue_path, queue_status, running_training,
-                              start_training, training_config, training_status)
 
 # %% auto #0
-__all__ = ['CHECK_TEXTS', 'FEEDBACK_CLASSES', 'VLLM_DEFAULT_MAX_LORA_RANK', 'artifact_config', 'inference_config',
-           'serving_config', 'merge_provenance', 'merged_model_card', 'merge_artifact', 'max_logits_gap', 'merge_check',
-           'chat_messages', 'Reply', 'decoding_kwargs', 'complete', 'generate_reply', 'StreamedReply', 'artifact_name',
-           'refuse_unverified', 'AdapterSet', 'generate', 'newest_artifact', 'FeedbackError', 'feedback_class',
-           'answer_feedback', 'FeedbackLoop', 'open_adapters', 'describe_training_event', 'watch_training',
-           'vllm_lora_problems', 'add_cli']
+__all__ = ['CHECK_TEXTS', 'VLLM_DEFAULT_MAX_LORA_RANK', 'artifact_config', 'inference_config', 'serving_config',
+           'merge_provenance', 'merged_model_card', 'merge_artifact', 'max_logits_gap', 'merge_check', 'chat_messages',
+           'Reply', 'decoding_kwargs', 'complete', 'generate_reply', 'StreamedReply', 'artifact_name',
+           'refuse_unverified', 'AdapterSet', 'generate', 'newest_artifact', 'vllm_lora_problems', 'add_cli']
 
 # %% ../../nbs/12_serve.ipynb #f30fa6c0
 def artifact_config(artifact: str | Path) -> Config:
@@ -416,160 +411,6 @@ def newest_artifact(cfg: Config) -> Path | None:
         if spec == cfg.model.base_model and not verify_artifact(meta.parent):
             return meta.parent
     return None
-
-
-# %% ../../nbs/12_serve.ipynb #2698ee27
-FEEDBACK_CLASSES = {"critical": "critical", "medium": "improvement", "improvement": "improvement", "good": "good"}
-
-class FeedbackError(AdapterlabError, ValueError):
-    "Feedback that cannot be queued as given."
-
-def feedback_class(name: str) -> str:
-    "The queue's class for a feedback name: the seed's `medium` is the queue's `improvement`."
-    try:
-        return FEEDBACK_CLASSES[str(name).lower().lstrip("/")]
-    except KeyError:
-        raise FeedbackError(f"unknown feedback class {name!r} (known: critical, medium (= improvement), good)") from None
-
-def answer_feedback(cfg: Config, kind: str, query: str, answer: str, text: str | None = None) -> dict:
-    "The queue record for feedback of class `kind` on `answer` to `query` (`text`: the correction, or a note for good)."
-    kind, text = feedback_class(kind), (text or "").strip() or None
-    if kind == "critical" and not text:
-        raise FeedbackError("critical feedback needs the answer that should have been given (`/critical <correction>`)")
-    if kind == "good" or text is None:
-        return feedback_record(cfg, kind, query, answer, text if kind == "good" else None)
-    return {**feedback_record(cfg, kind, query, text), "rejected": answer}
-
-def _progress(run_dir: Path) -> dict:
-    from adapterlab.config import load_run_config
-    from adapterlab.train import read_metrics
-    logged = [r for r in read_metrics(run_dir) if "loss" in r]
-    try:
-        max_steps = load_run_config(run_dir).train.max_steps
-    except (OSError, AdapterlabError):
-        max_steps = -1
-    out = {"step": logged[-1]["step"], "loss": logged[-1]["loss"]} if logged else {"step": 0}
-    return {**out, "max_steps": max_steps} if max_steps > 0 else out
-
-class FeedbackLoop:
-    "Feedback into the queue; the queue worker at the threshold; its verified adapter loaded and made active."
-
-    def __init__(self, adapters: AdapterSet, experiment: str | None = None, hw: str = "cpu",
-                 overrides: Sequence[str] = (), *, activate: bool = True):
-        self.adapters, self.experiment, self.hw, self.overrides = adapters, experiment, hw, list(overrides)
-        self.cfg, _ = training_config(experiment, hw, self.overrides)
-        self.path, self.activate = queue_path(self.cfg), activate
-        self.job: dict | None = None   # the training being watched: run_dir, pid, records, process (None if adopted)
-        self.last: dict | None = None  # how the last watched training ended
-        self._done: set[str] = set()    # run folders whose ending was handled (their marker may linger a moment)
-        self._lock = threading.Lock()
-
-    def add(self, kind: str, query: str, answer: str, text: str | None = None) -> dict:
-        "Queue feedback on an answer; start training when the queue reaches the threshold and none is running."
-        rec = answer_feedback(self.cfg, kind, query, answer, text)
-        n = append_records(self.path, [rec])
-        started = None
-        if n >= self.cfg.queue.threshold and running_training(self.path) is None:
-            try:
-                started = self.train()
-            except QueueError:  # another process started one a moment ago: this record waits for the next
-                pass
-        return {"class": feedback_class(kind), "weight": rec["weight"], "queued": n,
-                "threshold": self.cfg.queue.threshold, "training_started": started}
-
-    def train(self, force: bool = False) -> dict:
-        "Start the queue worker now (`QueueError` below the threshold unless `force`, or when one is running)."
-        with self._lock:
-            job = start_training(self.experiment, self.hw, self.overrides, force=force)
-            self.job = job
-            return {"run_dir": str(job["run_dir"]), "pid": job["pid"], "records": job["records"], "log": str(job["log"])}
-
-    def poll(self) -> dict | None:
-        "Look at the watched training; once it has ended, load its adapter (if verified). Returns that event, once."
-        with self._lock:
-            running = running_training(self.path)
-            if self.job is None and running and running["run_dir"] not in self._done:  # started elsewhere: watch it too
-                self.job = {"run_dir": Path(running["run_dir"]), "pid": running["pid"], "process": None}
-            if self.job is None:
-                return None
-            run_dir, proc = Path(self.job["run_dir"]), self.job.get("process")
-            exited = proc.poll() is not None if proc is not None else running_training(self.path) is None
-            try:
-                st = training_status(run_dir)
-            except (OSError, json.JSONDecodeError):
-                st = {"state": "starting"}
-            if st["state"] not in ("succeeded", "failed"):
-                if not exited:
-                    return None
-                st = {**st, "state": "failed", "error": f"the worker exited without reporting; see {run_dir / 'queue_train.log'}"}
-            if proc is not None:
-                proc.wait()  # reap it: the worker has written its final state and is only releasing the queue's marker
-            self.job = None
-            self._done.add(str(run_dir))
-            event = {"run_dir": str(run_dir), "state": st["state"], "error": st.get("error")}
-            if st["state"] == "succeeded":
-                name = run_dir.name
-                n = 2
-                while name in self.adapters.artifacts:
-                    name, n = f"{run_dir.name}-{n}", n + 1
-                try:
-                    self.adapters.add(name, st["artifact"])
-                    if self.activate:
-                        self.adapters.use(name)
-                    event.update(adapter=name, artifact=st["artifact"])
-                except (AdapterlabError, ValueError) as e:
-                    event.update(state="refused", error=str(e))
-            self.last = event
-            return event
-
-    def status(self) -> dict:
-        "The queue (records by class, threshold), the watched training and its progress, the adapters."
-        q = queue_status(self.cfg)
-        training = None
-        if (job := self.job) is not None:
-            try:
-                state = training_status(job["run_dir"])["state"]
-            except (OSError, json.JSONDecodeError):
-                state = "starting"
-            training = {"run_dir": str(job["run_dir"]), "pid": job["pid"], "state": state, **_progress(Path(job["run_dir"]))}
-        elif q["training"]:
-            training = {"run_dir": q["training"]["run_dir"], "pid": q["training"]["pid"], "state": "running"}
-        return {"queue": {k: q[k] for k in ("path", "records", "by_class", "threshold", "ready")},
-                "training": training, "last_training": self.last, "adapter": self.adapters.active,
-                "adapters": self.adapters.names}
-
-
-# %% ../../nbs/12_serve.ipynb #063ae787
-def open_adapters(artifacts: Sequence[str], cfg: Config, device: str | None = None) -> AdapterSet:
-    "The adapters named (`[NAME=]PATH`), else the newest verified artifact under `cfg`'s runs, else the base alone."
-    if artifacts:
-        return AdapterSet.open(artifacts, device=device)
-    if (found := newest_artifact(cfg)) is not None:
-        return AdapterSet.open([found], device=device)
-    return AdapterSet.from_config(cfg, device=device)
-
-def describe_training_event(event: dict) -> str:
-    "One line for a `FeedbackLoop.poll` event."
-    if event.get("adapter"):
-        return f"training succeeded: adapter {event['adapter']} verified and loaded ({event['artifact']})"
-    return f"training {event['state']}: {event.get('error')} (run folder {event['run_dir']})"
-
-def watch_training(loop: FeedbackLoop, every: float, on_event: Callable[[dict], None],
-                   on_error: Callable[[str], None] = print) -> threading.Thread:
-    "A daemon thread polling `loop` every `every` seconds and handing each event to `on_event`."
-    def watch():
-        while True:
-            time.sleep(every)
-            try:
-                event = loop.poll()
-            except Exception as e:  # a half-written status file or a vanished run folder must not end the watch
-                on_error(f"training watch: {type(e).__name__}: {e}")
-                continue
-            if event:
-                on_event(event)
-    thread = threading.Thread(target=watch, name="adapterlab-training-watch", daemon=True)
-    thread.start()
-    return thread
 
 
 # %% ../../nbs/12_serve.ipynb #cc3cba91

@@ -23,8 +23,8 @@ from typing import Iterator
 
 from .config import AdapterlabError, Config
 from .queue import QueueError
-from .serve import (AdapterSet, FeedbackLoop, Reply, StreamedReply, describe_training_event, open_adapters,
-                              watch_training)
+from .feedback import FeedbackLoop, describe_training_event, open_adapters, watch_training
+from .serve import AdapterSet, Reply, StreamedReply
 
 # %% ../../nbs/16_server.ipynb #a025c155
 API_KEY_ENV = "ADAPTERLAB_API_KEY"
