@@ -152,7 +152,7 @@ def verify_run(run: str | Path) -> list[str]:
 
 def _cmd_verify(args) -> int:
     if args.run:
-        from adapterlab.pipeline import find_run
+        from adapterlab.config import find_run
         run = find_run(args.run)
         problems = verify_run(run)
         for p in problems:

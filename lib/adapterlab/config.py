@@ -28,7 +28,8 @@ from .schema import NAME_PATTERN, Config
 __all__ = ['SECTIONS', 'project_root', 'params_dir', 'AdapterlabError', 'ConfigError', 'RunNotFound', 'Layer', 'load_layer',
            'overrides_layer', 'merge_layers', 'build_dataclass', 'find_params_file', 'resolve_config', 'HardwareError',
            'check_hardware', 'redact_secrets', 'config_to_dict', 'config_from_dict', 'runs_root', 'new_run_id',
-           'make_run_dir', 'save_config', 'load_run_config', 'quiet_stage_output', 'injected_sections', 'open_run']
+           'make_run_dir', 'save_config', 'load_run_config', 'find_run', 'quiet_stage_output', 'injected_sections',
+           'open_run']
 
 # %% ../../nbs/00_config.ipynb #a79fcff1
 def project_root() -> Path:
@@ -433,6 +434,17 @@ def load_run_config(run_dir: str | Path) -> Config:
     if added:
         warnings.warn(f"{snapshot.source}: filled keys newer than this run from {defaults.source}: {', '.join(added)}")
     return build_dataclass(Config, merged, origin)
+
+def find_run(run_id: str | Path) -> Path:
+    "A run folder from its id (under the default runs folder) or its path."
+    p = Path(run_id)
+    if p.is_dir() and (p / "params.yaml").exists():
+        return p
+    cfg, _ = resolve_config("json_contacts", "cpu")
+    d = runs_root(cfg) / str(run_id)
+    if not (d / "params.yaml").exists():
+        raise RunNotFound(f"{run_id}: no such run (looked in {runs_root(cfg)}); `adapterlab runs` lists them")
+    return d
 
 # %% ../../nbs/00_config.ipynb #a11ce002
 _LIBRARY_NOISE = (  # (warning category, start of the message) that the libraries emit and a reader cannot act on

@@ -41,14 +41,14 @@ def newest_finished_run(root: Path | None = None) -> Path | None:
     rows = [r for r in list_runs(root) if r["status"] == "done"]
     if not rows: return None
     if root is None:
-        from adapterlab.pipeline import find_run
+        from adapterlab.config import find_run
         return find_run(rows[-1]["id"])
     return Path(root) / rows[-1]["id"]
 
 def resolve_run(run: str | Path | None) -> Path | None:
     "The run folder to take stage pages from: `run` (an id or a path), else the newest finished run."
     if run is None: return newest_finished_run()
-    from adapterlab.pipeline import find_run
+    from adapterlab.config import find_run
     path = Path(run)
     return path if (path / "notebooks").is_dir() else find_run(str(run))
 

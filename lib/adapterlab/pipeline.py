@@ -19,14 +19,15 @@ import time
 from pathlib import Path
 
 from . import tracking
-from .config import AdapterlabError, Config, check_hardware, load_run_config, open_run, project_root, resolve_config, runs_root
+from .config import (AdapterlabError, Config, check_hardware, find_run, load_run_config, open_run, project_root,
+                               resolve_config, runs_root)
 # the run status and the report are `adapterlab.run_report`'s; imported here too, where callers have always found them
 from .run_report import _json, _now, read_status, report_markdown, run_state, write_report, write_status
 
 # %% auto #0
 __all__ = ['STAGES', 'DRY_RUN_STAGES', 'OPTIONAL_STAGES', 'NOTEBOOK_DRIVER', 'StageFailed', 'RunInterrupted', 'stage_notebook',
-           'environment_lock', 'write_provenance', 'ipc_kernel_manager', 'error_location', 'run_stage', 'find_run',
-           'run_pipeline', 'stage_run_dir', 'finish_stage', 'list_runs', 'format_runs', 'add_cli']
+           'environment_lock', 'write_provenance', 'ipc_kernel_manager', 'error_location', 'run_stage', 'run_pipeline',
+           'stage_run_dir', 'finish_stage', 'list_runs', 'format_runs', 'add_cli']
 
 # %% ../../nbs/11_pipeline.ipynb #b5c94c85
 STAGES = ("data", "compat", "train", "regressions", "eval")
@@ -166,18 +167,6 @@ def run_stage(name: str, index: int, run_dir: Path, parameters: dict, progress=N
 
 
 # %% ../../nbs/11_pipeline.ipynb #d96201a6
-def find_run(run_id: str | Path) -> Path:
-    "A run folder from its id (under the default runs folder) or its path."
-    p = Path(run_id)
-    if p.is_dir() and (p / "params.yaml").exists():
-        return p
-    from adapterlab.config import RunNotFound, resolve_config
-    cfg, _ = resolve_config("json_contacts", "cpu")
-    d = runs_root(cfg) / str(run_id)
-    if not (d / "params.yaml").exists():
-        raise RunNotFound(f"{run_id}: no such run (looked in {runs_root(cfg)}); `adapterlab runs` lists them")
-    return d
-
 class _Heartbeat:
     "Rewrites `heartbeat_utc` in status.json every `tracking.heartbeat_s` seconds while the pipeline runs."
     def __init__(self, run_dir: Path, status: dict, every_s: float):
