@@ -66,8 +66,8 @@ def test_consistent_checksums_do_not_hide_a_config_that_lies(artifact):
     cfg = json.loads(cfg_path.read_text())
     cfg["r"] = cfg["r"] * 2
     cfg_path.write_text(json.dumps(cfg))
-    from adapterlab.artifact import _write_checksums
-    _write_checksums(artifact)
+    from adapterlab.artifact import write_checksums
+    write_checksums(artifact)
     problems = verify_artifact(artifact)
     assert any("rank" in p and p.startswith("adapter_model.safetensors") for p in problems), problems
     assert any(p.startswith("model.sig: signature by") for p in problems), problems

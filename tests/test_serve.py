@@ -150,9 +150,9 @@ def test_adapters_switch_by_name(ci_run, tmp_path):
     with pytest.raises(ArtifactError, match=r"refusing to load an artifact that fails verification: .*"
                                             r"metadata\.json: sha256 mismatch"):
         adapters.add("foreign", foreign)
-    from adapterlab.artifact import _write_checksums
+    from adapterlab.artifact import write_checksums
     from adapterlab.signing import sign_folder
-    _write_checksums(foreign)
+    write_checksums(foreign)
     sign_folder(foreign)
     with pytest.raises(ArtifactError) as refused:
         adapters.add("foreign", foreign)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from adapterlab.artifact import ArtifactError, _write_checksums, write_artifact
+from adapterlab.artifact import ArtifactError, write_checksums, write_artifact
 from adapterlab.artifact_load import load_verified_adapter, loading_problems, verify_run
 from adapterlab.cli import main
 from adapterlab.config import load_run_config
@@ -52,7 +52,7 @@ def _tensors(art: Path, edit):
 
 def consistent_rewrite(art, **_):
     _tensors(art, lambda t: t + 0.01)
-    _write_checksums(art)                          # the attacker recomputes checksums.json
+    write_checksums(art)                          # the attacker recomputes checksums.json
 
 
 def swapped_from_other_run(art, other, **_):
@@ -65,24 +65,24 @@ def empty_base_weight_files(art, **_):
         m["base_model"]["weight_files"] = []
         return m
     _json(art / "metadata.json", edit)
-    _write_checksums(art)
+    write_checksums(art)
 
 
 def trust_remote_code(art, **_):
     p = art / "training_config.yaml"
     p.write_text(p.read_text().replace("trust_remote_code: false", "trust_remote_code: true"))
-    _write_checksums(art)
+    write_checksums(art)
 
 
 def all_nan(art, **_):
     _tensors(art, lambda t: t * float("nan"))
-    _write_checksums(art)
+    write_checksums(art)
 
 
 def listed_pickle(art, **_):
     import torch
     torch.save({"x": 1}, art / "adapter_model.bin")
-    _write_checksums(art)
+    write_checksums(art)
 
 
 def unlisted_pickle(art, **_):
@@ -102,7 +102,7 @@ def hidden_folder(art, **_):
 
 def other_base_model(art, **_):
     _json(art / "adapter_config.json", lambda c: {**c, "base_model_name_or_path": "someone/other-model"})
-    _write_checksums(art)
+    write_checksums(art)
 
 
 def checksums_empty_list(art, **_):
@@ -115,17 +115,17 @@ def checksums_null(art, **_):
 
 def adapter_config_list(art, **_):
     (art / "adapter_config.json").write_text("[]")
-    _write_checksums(art)
+    write_checksums(art)
 
 
 def bad_rank_pattern(art, **_):
     _json(art / "adapter_config.json", lambda c: {**c, "rank_pattern": {"q_proj(": 4}})
-    _write_checksums(art)
+    write_checksums(art)
 
 
 def resigned_other_key(art, tmp_path, **_):
     _tensors(art, lambda t: t * 2)
-    _write_checksums(art)
+    write_checksums(art)
     sign_folder(art, keys=tmp_path / "attacker-keys")   # a valid signature, by a key nobody trusted
 
 
@@ -149,7 +149,7 @@ def modified_card(art, **_):
 
 def changed_rank(art, **_):
     _json(art / "adapter_config.json", lambda c: {**c, "r": c["r"] * 2})
-    _write_checksums(art)
+    write_checksums(art)
 
 
 # (tamper, words one of the reported lines must contain)

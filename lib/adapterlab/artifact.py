@@ -27,7 +27,8 @@ from .signing import SIGNATURE_FILE, check_signature, record_artifact, sign_fold
 
 # %% auto #0
 __all__ = ['REQUIRED_FILES', 'OPTIONAL_FILES', 'ADAPTER_RECORD_KEYS', 'PICKLE_SUFFIXES', 'SCHEMAS', 'ArtifactError',
-           'next_artifact_dir', 'clean_stale_temp', 'write_artifact', 'verify_artifact', 'read_adapter_config']
+           'write_checksums', 'next_artifact_dir', 'clean_stale_temp', 'write_artifact', 'verify_artifact',
+           'read_adapter_config']
 
 # %% ../../nbs/06_artifact.ipynb #ca44755c
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "metadata.json", "training_config.yaml",
@@ -43,7 +44,7 @@ ADAPTER_RECORD_KEYS = ("peft_type", "r", "lora_alpha", "target_modules", "rank_p
 class ArtifactError(AdapterlabError, RuntimeError):
     "An artifact that is incomplete, tampered with, or inconsistent."
 
-def _write_checksums(folder: Path) -> dict:
+def write_checksums(folder: Path) -> dict:
     sums = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
             if p.is_file() and p.name not in ("checksums.json", SIGNATURE_FILE)}
     (folder / "checksums.json").write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
@@ -152,7 +153,7 @@ def write_artifact(run_dir: str | Path, model, cfg: Config, *, metrics: dict, ba
         (tmp / "training_config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
         write_json(tmp / "training_metrics.json", metrics)
         (tmp / "README.md").write_text(model_card(meta, cfg_dict, metrics))  # replaces PEFT's template card
-        _write_checksums(tmp)
+        write_checksums(tmp)
         signer = sign_folder(tmp)  # OpenSSF model signing with the local key (adapterlab.signing)
         if problems := verify_artifact(tmp):
             raise ArtifactError(f"{tmp}: freshly written artifact fails verification:\n  " + "\n  ".join(problems))

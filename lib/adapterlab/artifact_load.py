@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .artifact import _LORA_KEY, ArtifactError, _write_checksums, verify_artifact
+from .artifact import _LORA_KEY, ArtifactError, write_checksums, verify_artifact
 from .config import redact_secrets
 from .report import write_json
 from .signing import RUN_RECORD, check_signature, record_artifact, record_problems, sign_folder
@@ -115,7 +115,7 @@ def update_artifact_metrics(path: str | Path, updates: dict) -> dict:
     metrics.update(redact_secrets(updates))
     tmp = folder / ".training_metrics.json.tmp"
     write_json(tmp, metrics).replace(folder / "training_metrics.json")
-    _write_checksums(folder)
+    write_checksums(folder)
     signer = sign_folder(folder)
     if (folder.parent / RUN_RECORD).exists():
         record_artifact(folder, signer)

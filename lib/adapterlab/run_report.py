@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import tracking
 from .config import Config, load_run_config
+from .report import markdown_table
 
 # %% auto #0
 __all__ = ['read_status', 'write_status', 'run_state', 'data_markdown', 'compat_markdown', 'preference_markdown',
@@ -77,25 +78,17 @@ def _demote_headings(md: str, levels: int = 2) -> str:
 def _section(title: str, body: str | None, missing: str) -> str:
     return f"## {title}\n\n{body.strip() if body else '_' + missing + '_'}\n"
 
-def _fmt(v) -> str:
-    "Numbers as a reader wants them in a table: 4 significant digits, integers as they are."
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
 def _drop_title(md: str) -> str:
     "A stage's own Markdown without its `# Title` line (the report gives the section its heading)."
     lines = md.strip().splitlines()
     return "\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines)
-
-def _table(header: list[str], rows: list[list]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows])
 
 def data_markdown(stats: dict | None, run_dir: Path) -> str | None:
     "The data stage's statistics as a reader wants them: inputs and rejects, the split, token lengths, weights."
     if not stats:
         return None
     formats = lambda i: ", ".join(f"{k} ({v})" for k, v in (i.get("formats") or {}).items())  # what the reader saw
-    inputs = _table(["input", "source", "format", "records", "valid", "rejected", "too long: dropped", "truncated"],
+    inputs = markdown_table(["input", "source", "format", "records", "valid", "rejected", "too long: dropped", "truncated"],
                     [[name, f"`{i['source']}`", formats(i), i["records"], i["valid"], i["rejected"],
                       i["dropped_too_long"], i["truncated"]] for name, i in stats.get("inputs", {}).items()])
     split = stats.get("split", {})
@@ -109,12 +102,12 @@ def data_markdown(stats: dict | None, run_dir: Path) -> str | None:
     if parts:
         lines += ["", f"Tokens per example after the chat template (limit {tokens.get('max_seq_length')}, "
                       f"longer ones: {tokens.get('too_long')}):", "",
-                  _table(["split", "examples", "min", "median", "p95", "max"],
+                  markdown_table(["split", "examples", "min", "median", "p95", "max"],
                          [[k] + [tokens[k].get(c) for c in ("count", "min", "median", "p95", "max")] for k in parts])]
     weights = stats.get("weights", {})
     if weights.get("classes"):
         lines += ["", "Weights (weighted sampling " + ("on" if weights.get("weighted_sampling") else "off") + "):", "",
-                  _table(["weight", "label", "records", "share of records", "expected share of draws",
+                  markdown_table(["weight", "label", "records", "share of records", "expected share of draws",
                           "observed share of draws"],
                          [[c["weight"], c.get("label") or "", c["records"], c["share_of_records"],
                            c.get("expected_share_of_draws"), c.get("observed_share_of_draws")] for c in weights["classes"]])]
@@ -134,7 +127,7 @@ def compat_markdown(compat: dict | None) -> str | None:
     lines = [f"On {versions}: all {len(steps)} training settings of this run placed, none dropped"
              + (f"; {len(moved)} of them translated:" if moved else "; none needed translating."), ""]
     if moved:
-        lines += [_table(["given", "placed as", "why"],
+        lines += [markdown_table(["given", "placed as", "why"],
                          [[f"`{st['given']}`", f"`{st['where']}({st['name']}=…)`", st.get("note") or st["how"]]
                           for st in moved]), ""]
     lines.append("The full decision record, with the evidence and every TRL release: [compat/ADR.md](compat/ADR.md).")
@@ -144,7 +137,7 @@ def preference_markdown(summary: dict, run_dir: Path) -> str:
     "The preference stage's metrics, verification and base / SFT / DPO comparison, for the report."
     # write_artifact versions artifacts side by side in the run folder: the DPO one is `artifact-vN` beside the SFT one
     from adapterlab.train import verification_table
-    lines = [_table(["metric", "value"], [[k, v] for k, v in summary["metrics"].items() if not isinstance(v, (dict, list))]),
+    lines = [markdown_table(["metric", "value"], [[k, v] for k, v in summary["metrics"].items() if not isinstance(v, (dict, list))]),
              "", "![DPO loss and reward margin](preference/loss.png)", "", "### Verification", "",
              verification_table(summary),
              "", f"DPO artifact: [{Path(summary['artifact']).name}/]({Path(summary['artifact']).name}/README.md)"]
@@ -176,7 +169,7 @@ def headline_markdown(run_dir: Path, state: str, status: dict) -> str:
             for name, m in metrics.items()]
     return "\n".join([f"**Verdict: {verdict}** ({ev['n_examples']} eval examples, paired bootstrap 95% intervals of "
                       f"adapter − base). Run status: **{state}**.", "",
-                      _table(["metric", "base", "adapter", "change", "95% interval of the change", "verdict"], rows)])
+                      markdown_table(["metric", "base", "adapter", "change", "95% interval of the change", "verdict"], rows)])
 
 _EMOJI_WORDS = (("✅ ", ""), ("❌ ", ""), ("⚠️ ", ""), ("⚠ ", ""), ("✅", "yes"), ("❌", "no"))
 
@@ -212,7 +205,7 @@ def report_markdown(run_dir: str | Path) -> str:
     if summary:
         from adapterlab.train import memory_table, verification_table   # (torch: only when there is training to show)
         m = summary["metrics"]
-        train_md = _table(["metric", "value"], [[k, v] for k, v in m.items()])
+        train_md = markdown_table(["metric", "value"], [[k, v] for k, v in m.items()])
         train_md += "\n\n![loss](loss.png)\n\n### Verification\n\n" + verification_table(summary)
         if summary.get("memory"):
             train_md += "\n\n### Memory: planned vs measured\n\n" + memory_table(summary["memory"])

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import adapterlab
-from .artifact import ArtifactError, package_versions, read_adapter_config, redact_secrets, verify_artifact
+from .artifact import (ArtifactError, package_versions, read_adapter_config, redact_secrets, verify_artifact,
+                                 write_checksums)
 from .artifact_load import load_verified_adapter, require_verified
 from .config import (AdapterlabError, Config, build_dataclass, load_layer, merge_layers, params_dir,
                                runs_root)
@@ -99,10 +100,6 @@ or serve it: `vllm serve PATH/TO/this-folder`.
 - `merge_info.json` has the full record; `checksums.json` the sha256 of every file here.
 """
 
-def _write_checksums(folder: Path) -> None:
-    sums = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "checksums.json"}
-    (folder / "checksums.json").write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
-
 def merge_artifact(artifact: str | Path, out: str | Path | None = None, *, dtype: str = "float32",
                    overwrite: bool = False) -> Path:
     "Merge a verified adapter into a `dtype` copy of its base; save a transformers model folder (default `ARTIFACT-merged`)."
@@ -123,7 +120,7 @@ def merge_artifact(artifact: str | Path, out: str | Path | None = None, *, dtype
         info = merge_provenance(folder, source, dtype)
         (tmp / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n")
         (tmp / "README.md").write_text(merged_model_card(info, cfg))
-        _write_checksums(tmp)
+        write_checksums(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
