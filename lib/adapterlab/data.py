@@ -193,11 +193,11 @@ class PreparedData:
     files: dict
     stats: dict
 
-def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
-    "One JSON object per line, UTF-8."
+def write_jsonl(path: Path, rows: Iterable[dict], *, allow_nan: bool = False) -> Path:
+    "One JSON object per line, UTF-8 (`allow_nan`: write NaN as JSON's NaN extension, as scores may hold it)."
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        for r in rows: f.write(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n")
+        for r in rows: f.write(json.dumps(r, ensure_ascii=False, allow_nan=allow_nan) + "\n")
     return path
 
 def _read_rows(path: Path) -> list[dict]:

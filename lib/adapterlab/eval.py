@@ -16,6 +16,7 @@ from typing import Sequence
 
 from .config import (Config, ConfigError, Layer, build_dataclass, config_to_dict, load_run_config,
                                merge_layers, overrides_layer, runs_root)
+from .data import write_jsonl
 from .formats import Example
 from .metrics import *   # re-exported: `from adapterlab.eval import score` predates the split
 
@@ -265,11 +266,6 @@ def check_metric_inputs(metrics: Sequence[str], examples: Sequence[Example], spe
             raise EvalDataError(f"{spec}: {field}: metric {name} needs this field on eval records; none of the "
                                 f"{len(examples)} has it (drop {name} from eval.metrics or add the field)")
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
 def load_predictions(path: str | Path) -> list[dict]:
     "Prediction records saved by `evaluate_run` (rescore them with `score` without generating again)."
     return [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
@@ -310,8 +306,8 @@ def evaluate_run(run_dir: str | Path, eval_spec: str | None = None, overrides: l
 
     out_dir = run_dir / "eval"
     out_dir.mkdir(exist_ok=True)
-    _write_jsonl(out_dir / "predictions_base.jsonl", base)
-    _write_jsonl(out_dir / "predictions_adapter.jsonl", adapted)
+    write_jsonl(out_dir / "predictions_base.jsonl", base, allow_nan=True)
+    write_jsonl(out_dir / "predictions_adapter.jsonl", adapted, allow_nan=True)
     results = compare(base, adapted, metrics, cfg.eval.bootstrap_samples, cfg.seed, schema)
     report = {
         "run_id": run_dir.name, "eval_set": str(spec), "n_examples": len(examples),

@@ -377,8 +377,9 @@ def check_export(artifact: str | Path, export_dir: str | Path, max_examples: int
 def gguf_eval(run_dir: str | Path, overrides=None, injected: dict | None = None, eval_spec: str | None = None) -> dict | None:
     "Score the run's adapter in llama.cpp (base GGUF + adapter GGUF) next to the eval stage's base and PEFT columns."
     import time
-    from adapterlab.eval import (METRICS, _write_jsonl, eval_config, find_artifact, load_eval_examples,
+    from adapterlab.eval import (METRICS, eval_config, find_artifact, load_eval_examples,
                                  load_json_schema, load_predictions, score)
+    from adapterlab.data import write_jsonl
     from adapterlab.models import load_tokenizer
     run_dir = Path(run_dir)
     eval_dir = run_dir / "eval"
@@ -399,7 +400,7 @@ def gguf_eval(run_dir: str | Path, overrides=None, injected: dict | None = None,
     gguf = [{**{k: v for k, v in p.items() if k not in ("ref_nll", "ref_tokens")}, **g}
             for p, g in zip(peft, gguf_predictions(llm, tokenizer, examples, cfg))]
     seconds = round(time.time() - start, 2)
-    _write_jsonl(eval_dir / "predictions_gguf.jsonl", gguf)
+    write_jsonl(eval_dir / "predictions_gguf.jsonl", gguf, allow_nan=True)
     names = [m for m in report["metrics"] if m in METRICS and "ref_nll" not in METRICS[m].needs]
     schema = load_json_schema(report["json_schema"]) if report.get("json_schema") else None
     values = score(gguf, metrics=names, **({"schema": schema} if schema is not None else {}))
