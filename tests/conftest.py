@@ -5,8 +5,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # artifacts are signed with the local key: tests use a throw-away key folder, never the user's own key
-import tempfile
-os.environ.setdefault("ADAPTERLAB_KEYS", tempfile.mkdtemp(prefix="adapterlab-test-keys-"))
+from adapterlab.config import scratch_dir  # removed when the test session ends
+
+if "ADAPTERLAB_KEYS" not in os.environ: os.environ["ADAPTERLAB_KEYS"] = str(scratch_dir("adapterlab-test-keys-"))
 
 import pytest
 

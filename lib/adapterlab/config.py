@@ -28,8 +28,8 @@ from .schema import NAME_PATTERN, Config
 __all__ = ['SECTIONS', 'project_root', 'params_dir', 'AdapterlabError', 'ConfigError', 'RunNotFound', 'Layer', 'load_layer',
            'overrides_layer', 'merge_layers', 'build_dataclass', 'find_params_file', 'resolve_config', 'HardwareError',
            'check_hardware', 'redact_secrets', 'config_to_dict', 'config_from_dict', 'runs_root', 'new_run_id',
-           'make_run_dir', 'save_config', 'load_run_config', 'find_run', 'quiet_stage_output', 'injected_sections',
-           'open_run']
+           'make_run_dir', 'save_config', 'load_run_config', 'find_run', 'quiet_stage_output', 'scratch_dir',
+           'injected_sections', 'open_run']
 
 # %% ../../nbs/00_config.ipynb #a79fcff1
 def project_root() -> Path:
@@ -463,6 +463,16 @@ def quiet_stage_output() -> None:
     for category, message in _LIBRARY_NOISE:
         warnings.filterwarnings("ignore", message=re.escape(message), category=category)
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+# %% ../../nbs/00_config.ipynb #f0fa218b
+def scratch_dir(prefix: str = "adapterlab-") -> Path:
+    "A fresh temporary folder that is deleted when this process exits (for examples and demos, not for results)."
+    import atexit
+    import shutil
+    import tempfile
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 # %% ../../nbs/00_config.ipynb #d4f72553
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "experiment")
