@@ -253,8 +253,10 @@ USER_FILES_REFUSED = [  # file, exit status of `data check`, its exact lines on 
 @pytest.mark.parametrize("name, fmt", USER_FILES_THAT_TRAIN, ids=[c[0] for c in USER_FILES_THAT_TRAIN])
 def test_a_users_own_file_trains(tmp_path, base_model, name, fmt):
     rows = data_and_two_steps(tmp_path, base_model, write_user_file(tmp_path, name), fmt)
-    # (a `datasets` row carries every key any message has: `name` is None where a message gave none)
-    first = [{k: v for k, v in m.items() if v is not None} for m in rows[0]["prompt"] + rows[0]["completion"]]
+    # the training rows hold each message as written: no key that a message did not have (Arrow's structs would add
+    # `name: None` to every message once one has a name, and a chat template would render it)
+    assert all(v is not None for r in rows for m in r["prompt"] + r["completion"] for v in m.values()), rows
+    first = rows[0]["prompt"] + rows[0]["completion"]
     if name in ("sharegpt_system.jsonl", "messages_named.jsonl"):
         assert first[0] == {"role": "system", "content": "One word."}
     if name == "messages_named.jsonl":

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .config import Config
-from .formats import (FORMAT_ALIASES, FORMATS, DataError, Example, Reject, _problems_message,
+from .formats import (json_dataset, FORMAT_ALIASES, FORMATS, DataError, Example, Reject, _problems_message,
                                 to_prompt_completions)
 from .readers import CHROMA_PREFIX, HUB_PREFIX, SAMPLE_PREFIX, ReadResult, load_examples, read_source
 
@@ -204,9 +204,8 @@ def _read_rows(path: Path) -> list[dict]:
     return [json.loads(l) for l in open(path, encoding="utf-8") if l.strip()]
 
 def _to_dataset(path: Path):
-    from datasets import Dataset
     rows = [row for r in _read_rows(path) for row in to_prompt_completions(Example(r["messages"], float(r["weight"])))]
-    return Dataset.from_list(rows)
+    return json_dataset(rows)
 
 def _tokenizer_for(cfg: Config):
     from adapterlab.models import load_tokenizer, model_source

@@ -19,9 +19,9 @@ from .config import AdapterlabError
 
 # %% auto #0
 __all__ = ['BAD_KINDS', 'ROLES', 'SHAREGPT_ROLES', 'FORMAT_MARKERS', 'FORMATS', 'FORMAT_ALIASES', 'TOOL_REFUSAL', 'Example',
-           'to_prompt_completion', 'to_prompt_completions', 'Reject', 'RecordProblem', 'DataError', 'iter_lines',
-           'decode_line', 'parse_object', 'check_weight', 'check_clean', 'canonical_format', 'detect_format',
-           'explicit_prompt', 'normalise_record']
+           'to_prompt_completion', 'to_prompt_completions', 'json_dataset', 'Reject', 'RecordProblem', 'DataError',
+           'iter_lines', 'decode_line', 'parse_object', 'check_weight', 'check_clean', 'canonical_format',
+           'detect_format', 'explicit_prompt', 'normalise_record']
 
 # %% ../../nbs/30_formats.ipynb #6b55b451
 @dataclass
@@ -41,6 +41,16 @@ def to_prompt_completions(ex: Example) -> list[dict]:
     of a multi-turn conversation is learnt, no user or system token is."""
     return [{"prompt": ex.messages[:i], "completion": [m], "weight": float(ex.weight)}
             for i, m in enumerate(ex.messages) if m["role"] == "assistant" and i > 0]
+
+# %% ../../nbs/30_formats.ipynb #34fa24f3
+def json_dataset(rows: list[dict]):
+    "A `datasets.Dataset` of `rows` whose list/object columns keep each value as written (`datasets.Json`): no `None` keys."
+    from datasets import Dataset, Features, Json
+    if not rows:
+        return Dataset.from_list(rows)
+    nested = [k for k in rows[0] if any(isinstance(r.get(k), (list, dict)) for r in rows)]
+    plain = Dataset.from_list([{k: v for k, v in r.items() if k not in nested} for r in rows]).features
+    return Dataset.from_list(rows, features=Features({**plain, **{k: Json() for k in nested}}))
 
 # %% ../../nbs/30_formats.ipynb #7aa19926
 BAD_KINDS = ("invalid", "too_long")

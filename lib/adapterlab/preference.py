@@ -19,7 +19,7 @@ from .artifact import ArtifactError
 from .artifact_load import load_verified_adapter
 from .compat import build_dpo_trainer, sft_settings
 from .config import Config
-from .formats import (DataError, Example, RecordProblem, Reject, check_clean, decode_line, explicit_prompt,
+from .formats import (json_dataset, DataError, Example, RecordProblem, Reject, check_clean, decode_line, explicit_prompt,
                                 iter_lines, normalise_record, parse_object)
 from .readers import count_tokens, display_name, resolve_data_path
 from .data import write_jsonl
@@ -220,8 +220,7 @@ def load_prepared_pairs(run_dir: str | Path) -> PreparedPairs:
 
 def pairs_dataset(pairs: Sequence[PreferencePair]):
     "A `datasets.Dataset` of TRL conversational preference rows."
-    from datasets import Dataset
-    return Dataset.from_list([p.to_trl() for p in pairs])
+    return json_dataset([p.to_trl() for p in pairs])
 
 # %% ../../nbs/13_preference.ipynb #c27266f6
 def pair_batch_size(cfg: Config) -> int:
