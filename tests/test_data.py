@@ -405,3 +405,27 @@ def test_implicit_and_explicit_preference_give_the_same_pairs():
     implicit, explicit = read_pairs(FORMATS_DIR / "preference_implicit.jsonl"), read_pairs(FORMATS_DIR / "preference.jsonl")
     assert [(p.prompt, p.chosen, p.rejected) for p in implicit] == [(p.prompt, p.chosen, p.rejected) for p in explicit]
     assert len(implicit) == 32 and implicit[0].chosen == "cold"
+
+
+@pytest.mark.parametrize("kind", ["parquet", "json", "csv", "save_to_disk"])
+def test_preference_pairs_from_any_table_the_data_stage_reads(tmp_path, kind):
+    "A pairs file exported as Parquet, a JSON array, CSV or a saved dataset gives the JSONL file's pairs."
+    from datasets import Dataset
+    from adapterlab.formats import DataError
+    from adapterlab.preference import read_pairs
+    rows = [json.loads(l) for l in (FORMATS_DIR / "preference_implicit.jsonl").read_text().splitlines() if l.strip()]
+    if kind == "csv":   # a CSV holds strings: the explicit form (prompt text, two answers)
+        rows = [{"prompt": p.prompt[-1]["content"], "chosen": p.chosen, "rejected": p.rejected}
+                for p in read_pairs(FORMATS_DIR / "preference.jsonl") if len(p.prompt) == 1]
+    ds, path = Dataset.from_list(rows), tmp_path / f"pairs.{kind}"
+    {"parquet": ds.to_parquet, "csv": lambda p: ds.to_csv(p, index=False), "save_to_disk": ds.save_to_disk,
+     "json": lambda p: p.write_text(json.dumps(rows))}[kind](path)
+    got = read_pairs(path)
+    want = [p for p in read_pairs(FORMATS_DIR / "preference.jsonl")
+            if kind != "csv" or len(p.prompt) == 1]
+    assert [(p.prompt, p.chosen, p.rejected) for p in got] == [(p.prompt, p.chosen, p.rejected) for p in want]
+    assert got[-1].source == f"{path}: row {len(got)}"
+    bad = Dataset.from_list([*rows[:2], {**rows[2], "rejected": rows[2]["chosen"]}])
+    bad.to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad.parquet: row 3: rejected: is the same answer as chosen"):
+        read_pairs(tmp_path / "bad.parquet")

@@ -61,8 +61,7 @@ def write_provenance(cfg: Config, run_dir: Path) -> dict:
     from adapterlab.readers import resolve_data_path, source_sha256
     from adapterlab.models import sha256_file
     data = {}
-    for role in ("train", "eval"):
-        spec = getattr(cfg.data, role)
+    for role, spec in (("train", cfg.data.train), ("eval", cfg.data.eval), ("preference_pairs", cfg.preference.pairs)):
         if spec and (p := resolve_data_path(spec)).exists():
             data[role] = {"spec": spec, "sha256": source_sha256(p)}  # a file, or a saved dataset folder
     prov = {"run_id": run_dir.name, "created_utc": _now(), "experiment": cfg.experiment, "hw_profile": cfg.hw.name,

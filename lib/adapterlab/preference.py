@@ -21,7 +21,8 @@ from .compat import build_dpo_trainer, sft_settings
 from .config import Config
 from .formats import (json_dataset, DataError, Example, RecordProblem, Reject, check_clean, decode_line, explicit_prompt,
                                 iter_lines, normalise_record, parse_object)
-from .readers import count_tokens, display_name, resolve_data_path
+from .readers import (HUB_PREFIX, LINE_SUFFIXES, _drop_nulls, count_tokens, display_name, load_table,
+                                resolve_data_path, source_sha256)
 from .data import write_jsonl
 from .models import load_base_model, sha256_file
 from .skeleton import (TrainingSkeleton, distributed_state, latest_checkpoint, markdown_table, metrics_callback,
@@ -97,24 +98,39 @@ def parse_pair(rec: dict, system_prompt: str | None = None) -> PreferencePair:
     check_clean(meta, "")
     return PreferencePair(ex.messages[:-1], chosen, rejected, meta=meta)
 
+def _pair_records(spec: str | Path, name: str):
+    "`(line or 'row N', record or the RecordProblem reading it, the text shown in a reject)` for each record."
+    path = None if str(spec).startswith(HUB_PREFIX) else resolve_data_path(spec)
+    if path is not None and path.suffix.lower() in LINE_SUFFIXES:
+        if not path.is_file():
+            raise DataError(f"{name}: no such preference-pairs file")
+        for line, raw in iter_lines(path):
+            if raw.strip():
+                shown = raw.decode("utf-8", errors="replace")
+                try: yield line, parse_object(decode_line(raw)), shown
+                except RecordProblem as e: yield line, e, shown
+        return
+    for n, row in enumerate(load_table(spec, name), 1):   # Parquet, CSV, a JSON array, a save_to_disk folder, hf:
+        rec = _drop_nulls(dict(row))
+        yield f"row {n}", rec, json.dumps(rec, ensure_ascii=False, default=str)
+
 def read_pairs(spec: str | Path, *, system_prompt: str | None = None) -> list[PreferencePair]:
-    "Every pair of a JSONL file (path or `sample:NAME`); a `DataError` listing each bad line if any is bad."
-    path, name = resolve_data_path(spec), display_name(spec)
-    if not path.is_file():
-        raise DataError(f"{name}: no such preference-pairs file")
+    """Every pair of a preference file: JSONL, or any table the data stage reads (path, `sample:NAME`, `hf:ID`);
+    a `DataError` listing each bad line or row if any is bad."""
+    name = display_name(spec)
     pairs, rejects = [], []
-    for line, raw in iter_lines(path):
-        if not raw.strip():
-            continue
+    for where, rec, shown in _pair_records(spec, name):
         try:
-            rec = parse_object(decode_line(raw))
+            if isinstance(rec, RecordProblem): raise rec
             source = rec.pop("source", None) if isinstance(rec.get("source"), str) else None
             pair = parse_pair(rec, system_prompt)
         except RecordProblem as e:
-            rejects.append(Reject(name, line, e.field, e.problem, "invalid", raw.decode("utf-8", errors="replace")))
+            rejects.append(Reject(name, where, e.field, e.problem, "invalid", shown))
             continue
-        pair.source = source or f"{name}:{line}"
+        pair.source = source or (f"{name}:{where}" if isinstance(where, int) else f"{name}: {where}")
         pairs.append(pair)
+    if not pairs and not rejects:
+        raise DataError(f"{name}: no preference pairs (the file is empty)")
     if rejects:
         raise DataError(f"{name}: {len(rejects)} bad preference pair(s):\n  " + "\n  ".join(str(r) for r in rejects[:20])
                         + (f"\n  ... and {len(rejects) - 20} more" if len(rejects) > 20 else ""), rejects)
@@ -181,8 +197,9 @@ def prepare_pairs(cfg: Config, run_dir: str | Path, tokenizer, model=None) -> Pr
     if cfg.preference.pairs:
         from_file = read_pairs(cfg.preference.pairs, system_prompt=cfg.data.system_prompt)
         pairs += from_file
+        path = resolve_data_path(cfg.preference.pairs)   # a file or a saved dataset folder (none for an `hf:` id)
         origins["file"] = {"spec": cfg.preference.pairs, "pairs": len(from_file),
-                           "sha256": sha256_file(resolve_data_path(cfg.preference.pairs))}
+                           "sha256": source_sha256(path) if path.exists() else None}
     if cfg.preference.from_queue:
         from adapterlab.queue import queue_path, read_queue
         qpath = queue_path(cfg)
