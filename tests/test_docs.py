@@ -99,3 +99,16 @@ def test_example_without_output_fails_the_build(tmp_path):
     with pytest.raises(DocsBuildError, match="00_mute.ipynb: cell 2: 'f\\(\\)' shows no output"):
         build_docs(run=tmp_path / "run", out=tmp_path / "site", nbs=nbs, work=tmp_path / "work")
     assert not list((REPO / "_proc" / "executed").glob("00_mute*"))   # another project's notebooks: not in ours
+
+
+def test_every_export_cell_has_an_example_and_a_check_after_it(tmp_path):
+    "The fastcore style, counted: `literate_gaps` finds none in the project, and does find a bare export cell."
+    import json
+    from adapterlab.docs_process import literate_gaps, module_notebooks
+    assert [g for p in module_notebooks(project_root() / "nbs") for g in literate_gaps(p)] == []
+    cells = [{"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None, "source": src}
+             for src in ("#| export\ndef shown(): return 1", "shown()", "assert shown() == 1",
+                         "#| export\ndef bare(): return 2", "assert bare() == 2")]
+    nb = tmp_path / "01_x.ipynb"
+    nb.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    assert literate_gaps(nb) == ["01_x.ipynb: cell 3: bare"]
