@@ -2,12 +2,14 @@
 experiment file, not only through the data stage.
 
 Cost is kept small on purpose (a full `adapterlab run` is minutes on a CPU):
-- two full `adapterlab run`s from a user-written experiment YAML (data → compat → train → regressions → eval): a
-  ShareGPT JSON array, and a Parquet prompt/completion file; a third, a preference file with implicit prompts, runs
-  the same pipeline and then `--also preference` (DPO on the same file);
-- every other format and file type (text, OpenAI messages with `name` and multi-turn, conversational
-  prompt/completion, explicit preference, alpaca CSV, feedback, a `save_to_disk` folder) through the data stage's
-  `prepare_data` and two real optimizer steps of the train stage's trainer, sharing one loaded base model;
+- one full `adapterlab run` from a user-written experiment YAML (data → compat → train → regressions → eval) whose
+  `data.train` lists a fixture of every format and file type (text, OpenAI messages, a ShareGPT JSON array, Parquet
+  and conversational prompt/completion, explicit and implicit preference, alpaca CSV, feedback, a `save_to_disk`
+  folder); a second, a preference file with implicit prompts, runs the same pipeline and then `--also preference`
+  (DPO on the same file);
+- each format and file type alone, and the files a user makes (OpenAI messages with `name`, multi-turn, nulls in
+  Parquet) through the data stage's `prepare_data` and two real optimizer steps of the train stage's trainer,
+  sharing one loaded base model;
 - files a user makes that the fixtures do not have: each is read as its format or refused in one line naming the
   file, the line/row and the field, and `adapterlab run` on a file with too many bad records exits 2 in one line
   with the rejects kept.
@@ -68,7 +70,7 @@ def the_run(folder: Path) -> Path:
     return runs[0]
 
 
-def assert_a_good_run(proc, folder: Path, fmt: str, records: int, stages=STAGES) -> Path:
+def assert_a_good_run(proc, folder: Path, formats: dict, stages=STAGES) -> Path:
     "Done, every stage done, a verified artifact, and a record of the run that names the data's format."
     from adapterlab.artifact import verify_artifact
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -81,26 +83,50 @@ def assert_a_good_run(proc, folder: Path, fmt: str, records: int, stages=STAGES)
     summary = json.loads((run / "train_summary.json").read_text())
     assert not summary["verification"]["base_tensors_changed"] and not summary["verification"]["artifact_problems"]
     stats = json.loads((run / "data" / "stats.json").read_text())
-    assert stats["inputs"]["train"]["formats"] == {fmt: records} and stats["inputs"]["train"]["rejected"] == 0
-    # the data stage's record of the run names the format it read
+    assert stats["inputs"]["train"]["formats"] == formats and stats["inputs"]["train"]["rejected"] == 0
+    # the data stage's record of the run names the formats it read
     data_nb = (run / "notebooks" / "01_data.ipynb").read_text()
-    assert f"formats {{'{fmt}': {records}}}" in data_nb
+    assert f"formats {formats}" in data_nb
     report = (run / "report.md").read_text()
     assert "the eval stage did not run" not in report and "## Evaluation" in report
-    assert f"| {fmt} ({records}) |" in report        # the report's data table names the format it read
+    listed = ", ".join(f"{k} ({v})" for k, v in formats.items())
+    assert f"| {listed} |" in report        # the report's data table names the formats it read
     # plain-text answers: text metrics chosen, no JSON metric (issue 14: eval fits the task)
     ev = (run / "eval" / "report.md").read_text()
     assert "| exact_match" in ev and "json_validity: left out by auto" in ev and "| json_validity" not in ev
     return run
 
 
+ALL_FORMATS = {"text": 32, "messages": 24 + 32, "sharegpt": 32, "prompt_completion": 64, "preference": 64,
+               "instruction": 32, "feedback": 32}   # FORMAT_CASES read together: messages, prompt_completion and preference have two files each
+
+
 @pytest.mark.slow
-def test_a_users_sharegpt_json_array_runs_the_whole_pipeline(tmp_path):
-    exp = user_experiment(tmp_path / "me", "my_sharegpt", "sharegpt.json")
+def test_every_format_and_file_type_trains_in_one_users_run(tmp_path):
+    """One `adapterlab run` whose `data.train` lists a fixture of every format and file type (JSONL, a ShareGPT JSON
+    array, Parquet, CSV, a save_to_disk folder): each is read as what it is, and the run trains, verifies, evaluates."""
+    me = tmp_path / "me"
+    exp = user_experiment(me, "my_formats", "sharegpt.json")
+    for f, _ in FORMAT_CASES:
+        src = FORMATS_DIR / f
+        if not (me / f).exists(): (shutil.copytree if src.is_dir() else shutil.copy)(src, me / f)
+    listed = "[" + ", ".join(str(me / f) for f, _ in FORMAT_CASES) + "]"
+    exp.write_text(exp.read_text().replace(f"train: {me / 'sharegpt.json'}", f"train: {listed}"))
     proc = adapterlab("run", "--hw", "cpu", "-f", str(exp), cwd=tmp_path)
-    run = assert_a_good_run(proc, tmp_path / "me", "sharegpt", 32)
-    first = json.loads((run / "data" / "train.jsonl").read_text().splitlines()[0])
-    assert [m["role"] for m in first["messages"]] == ["system", "user", "assistant"]   # ShareGPT's system turn kept
+    run = assert_a_good_run(proc, me, ALL_FORMATS)
+    stats = json.loads((run / "data" / "stats.json").read_text())
+    sources = stats["inputs"]["train"]["sources"]
+    assert [(s["source"], s["formats"]) for s in sources] == [   # messages.jsonl: 24 multi-turn conversations
+        (str(me / f), {fmt: 24 if f == "messages.jsonl" else 32}) for f, fmt in FORMAT_CASES]
+    assert all(s["rejected"] == 0 for s in sources)
+    kept = [json.loads(l) for l in (run / "data" / "train.jsonl").read_text().splitlines()]
+    assert {r["source"].rsplit(":", 1)[0].split(": row")[0] for r in kept} <= {str(me / f) for f, _ in FORMAT_CASES}
+    shared = [r for r in kept if r["source"].startswith(str(me / "sharegpt.json"))]
+    assert shared and [m["role"] for m in shared[0]["messages"]] == ["system", "user", "assistant"]  # its system turn
+    prov = json.loads((run / "provenance.json").read_text())["data"]["train"]
+    assert [p["spec"] for p in prov] == [str(me / f) for f, _ in FORMAT_CASES] and all(len(p["sha256"]) == 64 for p in prov)
+    report = (run / "report.md").read_text()
+    assert "| train (all) |" in report and f"| `{me / 'alpaca.csv'}` | instruction (32) |" in report
 
 
 @pytest.mark.slow
@@ -109,7 +135,7 @@ def test_a_preference_file_trains_then_runs_dpo_with_also_preference(tmp_path):
     me = tmp_path / "me"
     exp = user_experiment(me, "my_pairs", "preference_implicit.jsonl", pairs="preference_implicit.jsonl")
     proc = adapterlab("run", "--hw", "cpu", "-f", str(exp), "--also", "preference", cwd=tmp_path)
-    run = assert_a_good_run(proc, me, "preference", 32, STAGES + ["preference"])
+    run = assert_a_good_run(proc, me, {"preference": 32}, STAGES + ["preference"])
     pairs = [json.loads(l) for l in (run / "preference" / "pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 32 and pairs[0]["chosen"] == "cold" and pairs[0]["rejected"] != "cold"
     assert "## Preference tuning (DPO)" in (run / "report.md").read_text()

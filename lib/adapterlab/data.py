@@ -23,7 +23,8 @@ from typing import Iterable, Sequence
 from .config import Config
 from .formats import (json_dataset, FORMAT_ALIASES, FORMATS, DataError, Example, Reject, _problems_message,
                                 to_prompt_completions)
-from .readers import CHROMA_PREFIX, HUB_PREFIX, SAMPLE_PREFIX, ReadResult, load_examples, read_source
+from .readers import (CHROMA_PREFIX, HUB_PREFIX, SAMPLE_PREFIX, ReadResult, data_specs, load_examples,
+                                merge_results, read_source)
 
 # %% auto #0
 __all__ = ['MIN_EXPECTED_COUNT', 'example_key', 'remove_duplicates', 'screen', 'split_examples', 'weighted_sampler', 'chi2_sf',
@@ -226,7 +227,8 @@ def prepare_data(cfg: Config, run_dir: str | Path, tokenizer=None) -> PreparedDa
     d = cfg.data
     tokenizer = tokenizer if tokenizer is not None else _tokenizer_for(cfg)
     opts = dict(format=d.format, system_prompt=d.system_prompt, tokenizer=tokenizer, max_weight=d.max_weight)
-    train_in = read_source(d.train, max_length=cfg.hw.max_seq_length, too_long=d.too_long, **opts)
+    train_ins = [read_source(s, max_length=cfg.hw.max_seq_length, too_long=d.too_long, **opts) for s in data_specs(d.train)]
+    train_in = merge_results(train_ins)   # one source, or several read as one (each record keeps its FILE:LINE)
     eval_in = read_source(d.eval, **opts) if d.eval else None
 
     examples, duplicates = screen(train_in, d.dedup)
@@ -244,7 +246,9 @@ def prepare_data(cfg: Config, run_dir: str | Path, tokenizer=None) -> PreparedDa
              if train and d.sampler_check_draws else None)
     train_keys = {example_key(e) for e in examples}
     stats = {
-        "inputs": {"train": _input_stats(train_in), **({"eval": _input_stats(eval_in)} if eval_in else {})},
+        "inputs": {"train": {**_input_stats(train_in),   # several sources: their sum, and each under `sources`
+                             **({"sources": [_input_stats(r) for r in train_ins]} if len(train_ins) > 1 else {})},
+                   **({"eval": _input_stats(eval_in)} if eval_in else {})},
         "duplicates_removed": len(duplicates),
         "split": {"seed": cfg.seed, "val_fraction": d.val_fraction, "train": len(train), "val": len(val),
                   "train_turns": sum(len(to_prompt_completions(e)) for e in train)},
@@ -263,12 +267,14 @@ def prepare_data(cfg: Config, run_dir: str | Path, tokenizer=None) -> PreparedDa
     (data_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
     if train:
         plot_data_stats(stats, data_dir / "lengths.png")
-    _check_thresholds(cfg, train_in, eval_in, train, data_dir)
+    _check_thresholds(cfg, train_ins, eval_in, train, data_dir, train_in.name)
     return load_prepared(run_dir)
 
-def _check_thresholds(cfg: Config, train_in: ReadResult, eval_in: ReadResult | None, train: list, data_dir: Path):
+def _check_thresholds(cfg: Config, train_ins: list[ReadResult], eval_in: ReadResult | None, train: list, data_dir: Path,
+                      train_name: str):
+    "Each source within `data.max_reject_fraction`, and something left to train on."
     limit = cfg.data.max_reject_fraction
-    for r in (train_in, eval_in):
+    for r in (*train_ins, eval_in):
         if r is None or not r.bad: continue
         share = len(r.bad) / r.records
         if share > limit:
@@ -276,8 +282,9 @@ def _check_thresholds(cfg: Config, train_in: ReadResult, eval_in: ReadResult | N
                 f"{r.name}: {len(r.bad)} of {r.records} records rejected ({share:.1%}) > data.max_reject_fraction "
                 f"{limit:.1%}; first: {_first(r)}; all reasons in {data_dir / 'rejects.jsonl'}:", r.bad), r.bad)
     if not train:
-        raise DataError(f"{train_in.name}: no usable training records ({train_in.records} records read"
-                        + (f"; first: {_first(train_in)}" if train_in.rejects else "")
+        read, rejected = sum(r.records for r in train_ins), [r for r in train_ins if r.rejects]
+        raise DataError(f"{train_name}: no usable training records ({read} records read"
+                        + (f"; first: {_first(rejected[0])}" if rejected else "")
                         + f"); see {data_dir / 'rejects.jsonl'}")
 
 def _first(r: ReadResult) -> str:

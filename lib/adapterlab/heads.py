@@ -467,6 +467,8 @@ def _length_filter(rows, heads: HeadsConfig, cfg: Config, tokenizer) -> tuple[li
 
 def prepare_heads_data(cfg: Config, heads: HeadsConfig, run_dir: str | Path, tokenizer) -> HeadsData:
     "Read, check, deduplicate, split (seeded) and encode the heads data; writes `run_dir/data/{train,val}.jsonl`."
+    if not isinstance(cfg.data.train, str):
+        raise HeadsDataError(f"data.train: a heads experiment reads one JSONL file, got a list of {len(cfg.data.train)}")
     rows = read_records(cfg.data.train)
     n_read = len(rows)
     if cfg.data.dedup:

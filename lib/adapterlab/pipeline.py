@@ -58,12 +58,13 @@ def environment_lock() -> str:
 def write_provenance(cfg: Config, run_dir: Path) -> dict:
     "`provenance.json` and `environment.txt`: what a reader needs to repeat this run."
     from adapterlab.provenance import git_state, hardware_info, package_versions
-    from adapterlab.readers import resolve_data_path, source_sha256
+    from adapterlab.readers import data_specs, resolve_data_path, source_sha256
     from adapterlab.models import sha256_file
     data = {}
     for role, spec in (("train", cfg.data.train), ("eval", cfg.data.eval), ("preference_pairs", cfg.preference.pairs)):
-        if spec and (p := resolve_data_path(spec)).exists():
-            data[role] = {"spec": spec, "sha256": source_sha256(p)}  # a file, or a saved dataset folder
+        found = [{"spec": s, "sha256": source_sha256(p)}        # a file, or a saved dataset folder
+                 for s in data_specs(spec) if (p := resolve_data_path(s)).exists()]
+        if found: data[role] = found[0] if isinstance(spec, str) else found
     prov = {"run_id": run_dir.name, "created_utc": _now(), "experiment": cfg.experiment, "hw_profile": cfg.hw.name,
             "seed": cfg.seed, "deterministic": cfg.train.deterministic, "git": git_state(),
             "packages": package_versions(), "hardware": hardware_info(), "data": data}

@@ -28,8 +28,8 @@ from .formats import (FORMAT_MARKERS, DataError, Example, RecordProblem, Reject,
 # %% auto #0
 __all__ = ['SAMPLE_PREFIX', 'CHROMA_PREFIX', 'LINE_SUFFIXES', 'TABLE_BUILDERS', 'HUB_PREFIX', 'CITE_INSTRUCTION',
            'resolve_data_path', 'display_name', 'count_tokens', 'truncate_answer', 'ReadResult', 'read_jsonl',
-           'sniff_file', 'check_data_file', 'load_table', 'read_table', 'source_sha256', 'read_source', 'load_examples',
-           'parse_chroma_spec', 'chroma_collection', 'grounded_example', 'read_chroma']
+           'sniff_file', 'check_data_file', 'load_table', 'read_table', 'source_sha256', 'data_specs', 'merge_results',
+           'read_source', 'load_examples', 'parse_chroma_spec', 'chroma_collection', 'grounded_example', 'read_chroma']
 
 # %% ../../nbs/31_readers.ipynb #742880dd
 SAMPLE_PREFIX = "sample:"
@@ -305,6 +305,21 @@ def source_sha256(path: str | Path) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
     return h.hexdigest()
 
+def data_specs(spec: str | Path | list | None) -> list:
+    "A data setting (`data.train` may be one source or a list of them) as a list of sources."
+    return [] if spec is None else list(spec) if isinstance(spec, (list, tuple)) else [spec]
+
+def merge_results(results: list[ReadResult]) -> ReadResult:
+    "Several sources read as one: examples, rejects and counts together; every record keeps its own `FILE:LINE`."
+    if len(results) == 1:
+        return results[0]
+    merged = ReadResult(" + ".join(r.name for r in results))
+    for r in results:
+        merged.examples += r.examples; merged.rejects += r.rejects; merged.lengths += r.lengths
+        merged.truncated += r.truncated; merged.formats.update(r.formats)
+        merged.lines += r.lines; merged.blank_lines += r.blank_lines
+    return merged
+
 def read_source(spec: str | Path, name: str | None = None, **kwargs) -> ReadResult:
     "A data spec (JSONL, another table file, a saved folder, a hub id, `sample:`, `chroma:`) → `ReadResult`."
     if str(spec).startswith(CHROMA_PREFIX):
@@ -316,10 +331,11 @@ def read_source(spec: str | Path, name: str | None = None, **kwargs) -> ReadResu
     return read_table(spec, name=name or display_name(spec), **kwargs)
 
 # %% ../../nbs/31_readers.ipynb #63680a87
-def load_examples(spec: str | Path, *, format: str = "auto", system_prompt: str | None = None,
+def load_examples(spec: str | Path | list, *, format: str = "auto", system_prompt: str | None = None,
                   strict: bool = True, max_weight: float | None = None) -> list[Example]:
     "Validated examples from a data spec; raises `DataError` listing every bad record unless `strict=False`."
-    result = read_source(spec, format=format, system_prompt=system_prompt, max_weight=max_weight)
+    result = merge_results([read_source(s, format=format, system_prompt=system_prompt, max_weight=max_weight)
+                            for s in data_specs(spec)])
     if result.bad and strict:
         raise DataError(_problems_message(f"{result.name}: {len(result.bad)} bad record(s) of {result.records}:",
                                           result.bad), result.bad)

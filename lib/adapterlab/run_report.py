@@ -89,8 +89,10 @@ def data_markdown(stats: dict | None, run_dir: Path) -> str | None:
         return None
     formats = lambda i: ", ".join(f"{k} ({v})" for k, v in (i.get("formats") or {}).items())  # what the reader saw
     inputs = markdown_table(["input", "source", "format", "records", "valid", "rejected", "too long: dropped", "truncated"],
-                    [[name, f"`{i['source']}`", formats(i), i["records"], i["valid"], i["rejected"],
-                      i["dropped_too_long"], i["truncated"]] for name, i in stats.get("inputs", {}).items()])
+                    [[label, f"`{i['source']}`", formats(i), i["records"], i["valid"], i["rejected"],
+                      i["dropped_too_long"], i["truncated"]] for name, top in stats.get("inputs", {}).items()
+                     for label, i in [*((name, s) for s in top.get("sources", [])),
+                                      (f"{name} (all)" if top.get("sources") else name, top)]])
     split = stats.get("split", {})
     lines = [inputs, "",
              f"Split (seed {split.get('seed')}, validation fraction {split.get('val_fraction')}): "

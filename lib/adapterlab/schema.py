@@ -42,7 +42,8 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    train: str = spec("training JSONL: a path (relative to the project) or `sample:NAME`")
+    train: Union[str, list[str]] = spec("training data: a file or `save_to_disk` folder (relative to the project), "
+                                        "`sample:NAME`, `hf:ID`, or a list of them (formats and file types may mix)")
     eval: Optional[str] = spec("held-out eval JSONL with references, same forms as `train`")
     format: str = spec("record format (see the data module); auto: recognised per record",
                        choices=("auto", "text", "messages", "sharegpt", "prompt_completion", "preference",
