@@ -3,6 +3,7 @@ in the middle of training resumes from its last checkpoint to exactly the adapte
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,6 +94,8 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_adapter(uninterr
                      if l.endswith("\n") and json.loads(l)["step"] <= resumed_step]   # (the kill may cut a line short)
     logged_before = [l.rstrip("\n") for l in logged_before]
     assert len(logged_before) >= resumed_step
+    by_notebook = run_dir.with_name(run_dir.name + "-notebook")   # the same killed run, continued by Run All below
+    shutil.copytree(run_dir, by_notebook)
 
     proc = subprocess.run(adapterlab("run", "--resume", str(run_dir), "--until", "train"), cwd=project_root(), env=ENV,
                           capture_output=True, text=True, timeout=900)
@@ -109,3 +112,13 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_adapter(uninterr
     # process's own, kept as they were
     assert (run_dir / "metrics.jsonl").read_text().splitlines()[:len(logged_before)] == logged_before
     assert read_status(run_dir)["status"] == "stopped after train"
+
+    # the train stage notebook as it is (its `resume` default), run again on the killed run folder: it continues from
+    # the last checkpoint too, to the same adapter bytes
+    out = tmp_path / "train-again.ipynb"
+    proc = subprocess.run([sys.executable, "-m", "papermill", str(project_root() / "nbs" / "train.ipynb"), str(out),
+                           "-p", "run_dir", str(by_notebook), "--cwd", str(project_root() / "nbs")],
+                          env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming from {by_notebook / 'checkpoints' / done_before[-1]}" in out.read_text()
+    assert adapter_sha256(by_notebook) == adapter_sha256(uninterrupted)

@@ -19,7 +19,7 @@ from .report import markdown_table
 
 # %% auto #0
 __all__ = ['read_status', 'write_status', 'run_state', 'data_markdown', 'compat_markdown', 'preference_markdown',
-           'headline_markdown', 'plain_words', 'report_markdown', 'write_report']
+           'headline_markdown', 'plain_words', 'time_split_markdown', 'report_markdown', 'write_report']
 
 # %% ../../nbs/33_run_report.ipynb #cbb10a28
 def _read(path: Path) -> str | None:
@@ -181,12 +181,28 @@ def plain_words(md: str) -> str:
         md = md.replace(mark, word)
     return md
 
+def time_split_markdown(run_dir: Path, status: dict) -> str | None:
+    "Where the run's time went: the optimizer loop's share of all stage time, and eval against train."
+    st = {n: r.get("seconds") for n, r in status.get("stages", {}).items() if r.get("seconds")}
+    if not st.get("train"):
+        return None
+    total = sum(st.values())
+    loop = (_json(run_dir / "train_summary.json") or {}).get("metrics", {}).get("train_wall_s")
+    parts = [f"Time: the train stage took {st['train'] / total:.0%} of the stages' {total:.0f} s"]
+    if loop:
+        parts.append(f"its optimizer loop (`trainer.train`, {loop:.0f} s) {loop / total:.0%}")
+    if st.get("eval"):
+        parts.append(f"the eval stage {st['eval'] / st['train']:.0%} of the train stage")
+    return "; ".join(parts) + "."
+
 def report_markdown(run_dir: str | Path) -> str:
     "The run report as Markdown (links are relative to the run folder)."
     run_dir = Path(run_dir)
     status, cfg = read_status(run_dir), load_run_config(run_dir)
     state = run_state(run_dir, cfg)
-    stages = "\n".join(f"| {n} | {r.get('status')} | {r.get('seconds', '')} | "
+    total = sum(r.get("seconds") or 0 for r in status.get("stages", {}).values())
+    share = lambda s: f"{s / total:.0%}" if s and total else ""
+    stages = "\n".join(f"| {n} | {r.get('status')} | {r.get('seconds', '')} | {share(r.get('seconds'))} | "
                        + (f"[notebook]({r['notebook']})" if r.get("notebook") else (r.get("error", "").splitlines() or [""])[0])
                        + " |" for n, r in status.get("stages", {}).items())
     parts = [f"# Run `{run_dir.name}`\n", headline_markdown(run_dir, state, status) + "\n",
@@ -194,7 +210,8 @@ def report_markdown(run_dir: str | Path) -> str:
              f"{_model_choice(run_dir)}, "
              f"LoRA r={cfg.lora.r} α={cfg.lora.alpha} on `{cfg.lora.target_modules}`, seed {cfg.seed}. "
              f"Status: **{state}**.\n",
-             "| stage | status | seconds | record |\n|---|---|---|---|\n" + stages + "\n",
+             "| stage | status | seconds | share | record |\n|---|---|---|---|---|\n" + stages + "\n",
+             *([t + "\n"] if (t := time_split_markdown(run_dir, status)) else []),
              "Parameters: [params.yaml](params.yaml) (origin of every value: [params_origin.yaml](params_origin.yaml)); "
              "environment: [environment.txt](environment.txt); provenance: [provenance.json](provenance.json).\n"]
     data_md = data_markdown(_json(run_dir / "data" / "stats.json"), run_dir)

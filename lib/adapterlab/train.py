@@ -187,10 +187,13 @@ def train_stage(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
     "Train a LoRA adapter as `cfg` says into `run_dir`; returns the summary (artifact path, metrics, verification)."
     return run_training(cfg, run_dir, resume).summary
 
-def run_training(cfg: Config, run_dir: str | Path, resume: bool = False, plan=False) -> TrainResult:
+def run_training(cfg: Config, run_dir: str | Path, resume: bool | None = False, plan=False) -> TrainResult:
     """`train_stage`, also handing back the trained in-memory model. `plan`: the memory plan already made by
-    `plan_training` (with the config it fitted), or False to make it here."""
+    `plan_training` (with the config it fitted), or False to make it here. `resume=None`: continue from the run's
+    last complete checkpoint if it has one (the stage notebook's Run All after a crash or a Ctrl-C), else start."""
     run_dir = Path(run_dir)
+    if resume is None:   # the run folder's checkpoints were made with its own params.yaml: safe to continue
+        resume = latest_checkpoint(run_dir) is not None
     s = setup_training(cfg, run_dir, plan)
     trainer, has_val = s.trainer, s.data.val is not None
     val_before = trainer.evaluate(metric_key_prefix="val")["val_loss"] if has_val else None
