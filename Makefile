@@ -55,9 +55,10 @@ nbtest: install
 	$(BIN)/adapterlab docs execute
 
 # The whole pipeline once on the `ci` experiment, and the DPO stage after it in the same run folder (its notebook
-# then has outputs on the docs site, like every stage).
+# then has outputs on the docs site, like every stage). The eval stage also scores the adapter in llama.cpp (base GGUF
+# + adapter GGUF, `eval.llama_cpp`), so the GGUF runtime is proven on both TRL environments.
 pipeline-ci: install
-	$(BIN)/adapterlab run --hw cpu -f ci --also preference
+	$(BIN)/adapterlab run --hw cpu -f ci --also preference --set eval.llama_cpp=true
 
 # Every supported TRL, proven: the ci pipeline also runs on the OLDEST trl/transformers/peft that pyproject.toml
 # allows, in a second environment (.venv-oldest: the same torch CPU wheel, those three pinned, everything else as
@@ -110,7 +111,7 @@ $(OLDEST_STAMP): pyproject.toml
 pipeline-oldest: $(OLDEST_STAMP)
 	rm -rf outputs/compat/oldest
 	# its own model cache: the embedded GGUF is converted by the old transformers too, not reused from the newest one
-	ADAPTERLAB_CACHE=$(CURDIR)/$(OLDEST_VENV)/cache $(OLDEST_VENV)/bin/adapterlab run --hw cpu -f ci --set output.root=outputs/compat/oldest
+	ADAPTERLAB_CACHE=$(CURDIR)/$(OLDEST_VENV)/cache $(OLDEST_VENV)/bin/adapterlab run --hw cpu -f ci --set output.root=outputs/compat/oldest --set eval.llama_cpp=true
 	$(OLDEST_VENV)/bin/python -c "$$RECORD_RUN_PY" oldest outputs/compat/oldest $(OLDEST_VENV) "$(OLDEST_PINS)"
 
 # The docs site (mkdocs) into _docs/: index.ipynb, every module's API, each stage with the newest finished run's

@@ -21,9 +21,10 @@ Arms (`--arms` takes a comma list, or `all`; an arm this machine cannot run is l
   trl-bf16-compile trl-bf16 + `torch_compile=True` (compilation happens in the untimed warm-up steps)
   trl-bf16-liger   trl-bf16 + `use_liger_kernel=True` -- only if liger-kernel imports and its kernel runs on CPU
   adapterlab-fp32  exactly what `adapterlab.train` does on the cpu profile, with `--set hw.dtype=float32`
-  adapterlab       exactly what `adapterlab.train` does on the cpu profile as it ships (params/hw/cpu.yaml)
-  adapterlab-bf16  the cpu profile with `--set hw.dtype=auto`: bf16 base weights, fp32 LoRA weights and optimizer
-                   state, where the CPU has bf16 (`precision.bf16_support`; fp32 elsewhere)
+  adapterlab       exactly what `adapterlab.train` does on the cpu profile as it ships (params/hw/cpu.yaml, since
+                   2026-12-03 `hw.dtype: auto`): bf16 base weights, fp32 LoRA weights and optimizer state, where the
+                   CPU has bf16 (`precision.bf16_support`; fp32 elsewhere). (The older `adapterlab-bf16` arm, the
+                   profile with `--set hw.dtype=auto` when it shipped float32, is this arm now.)
   llamafactory     LLaMA-Factory, when it installs (`--llamafactory-python`, a throwaway venv's python);
                    otherwise listed with the reason
 
@@ -57,7 +58,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL_ARMS = ["trl", "trl-nogc", "trl-bf16", "trl-bf16-pf", "trl-bf16-compile", "trl-bf16-liger"]
-OURS = ["adapterlab-fp32", "adapterlab", "adapterlab-bf16"]
+OURS = ["adapterlab-fp32", "adapterlab"]
 ALL_ARMS = TRL_ARMS + OURS + ["llamafactory"]
 BF16_ARMS = {"trl-bf16", "trl-bf16-pf", "trl-bf16-compile", "trl-bf16-liger"}
 DEFAULT_LOSS_TOL = 0.10     # relative: |eval loss − reference| / reference
@@ -130,8 +131,7 @@ def load_everything(arm: str, experiment: str = "json_contacts", hw: str = "cpu"
     from adapterlab.models import load_base_model, load_tokenizer, resolve_model
     from adapterlab.precision import with_resolved_dtypes
 
-    cfg, _ = resolve_config(experiment, hw, {"adapterlab-fp32": ["hw.dtype=float32"],
-                                             "adapterlab-bf16": ["hw.dtype=auto"]}.get(arm, []))
+    cfg, _ = resolve_config(experiment, hw, {"adapterlab-fp32": ["hw.dtype=float32"]}.get(arm, []))
     cfg = with_resolved_dtypes(cfg)
     source = resolve_model(cfg.model.base_model)
     if arm.startswith("adapterlab"):

@@ -112,7 +112,8 @@ def test_eval_stage_third_column(ci_run, tmp_path):
     run_dir = tmp_path / "run"   # a copy: evaluate_run re-signs the artifact, which the other tests share
     shutil.copytree(ci_run.summary["run_dir"], run_dir, ignore=shutil.ignore_patterns("checkpoint-*"))
     report = evaluate_run(run_dir, overrides=["eval.max_examples=4"])
-    result = gguf_eval(run_dir, overrides=["eval.max_examples=4"])
+    assert gguf_eval(run_dir, overrides=["eval.max_examples=4"]) is None     # eval.llama_cpp: false, the default
+    result = gguf_eval(run_dir, overrides=["eval.max_examples=4", "eval.llama_cpp=true"])
     assert result["agreement_with_peft"]["n"] == 4
     assert set(result["metrics"]) == set(report["metrics"]) - {"perplexity"}
     if result["agreement_with_peft"]["rate"] == 1:   # identical answers must score identically

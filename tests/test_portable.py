@@ -29,7 +29,9 @@ def test_copied_artifact_loads_with_plain_peft_and_reproduces_logits(ci_run, tmp
     monkeypatch.setenv("ADAPTERLAB_CACHE", str(tmp_path / "no-cache"))
     tok = AutoTokenizer.from_pretrained(copy)
     assert tok.chat_template == ci_run.tokenizer.chat_template
-    base = AutoModelForCausalLM.from_pretrained(meta["location"], dtype=torch.float32)
+    import yaml   # the consumer loads the base in the dtype the artifact's training config records (cpu: auto, resolved)
+    dtype = getattr(torch, yaml.safe_load((copy / "training_config.yaml").read_text())["hw"]["dtype"])
+    base = AutoModelForCausalLM.from_pretrained(meta["location"], dtype=dtype)
     consumer = PeftModel.from_pretrained(base, copy).eval()
 
     messages = [{"role": "user", "content": "Return a JSON object for: Ana Ruiz, 30, a chef in Quito."}]

@@ -2,6 +2,7 @@
 import argparse
 import contextlib
 import io
+import dataclasses
 import json
 import os
 import shutil
@@ -73,7 +74,8 @@ def test_merged_model_computes_base_plus_adapter(ci_run, tmp_path):
     assert sums == {p.name: sha256_file(p) for p in out.iterdir() if p.is_file() and p.name != "checksums.json"}
 
     # the equality itself, computed here rather than by merge_check: merged logits == base + adapter logits
-    cfg = artifact_config(artifact)
+    cfg = artifact_config(artifact)   # merged in float32 (merge's default): the reference is base + adapter in float32
+    cfg = dataclasses.replace(cfg, hw=dataclasses.replace(cfg.hw, dtype="float32"))
     base, tok, _ = load_base_model(cfg)
     adapted = load_verified_adapter(artifact, base)
     with_adapter = _logits(adapted, tok)

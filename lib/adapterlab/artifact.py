@@ -198,7 +198,8 @@ SCHEMAS = {
 }
 
 def _schema_problem(name: str, value, schema: dict) -> str | None:
-    import jsonschema
+    from adapterlab.config import import_jsonschema
+    jsonschema = import_jsonschema()
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(value))
     if error is None:
         return None

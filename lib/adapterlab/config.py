@@ -29,7 +29,7 @@ __all__ = ['SECTIONS', 'project_root', 'params_dir', 'AdapterlabError', 'ConfigE
            'overrides_layer', 'merge_layers', 'build_dataclass', 'find_params_file', 'resolve_config', 'HardwareError',
            'check_hardware', 'redact_secrets', 'config_to_dict', 'config_from_dict', 'runs_root', 'new_run_id',
            'make_run_dir', 'save_config', 'load_run_config', 'find_run', 'quiet_stage_output', 'scratch_dir',
-           'injected_sections', 'open_run']
+           'import_jsonschema', 'injected_sections', 'open_run']
 
 # %% ../../nbs/00_config.ipynb #a79fcff1
 def project_root() -> Path:
@@ -473,6 +473,14 @@ def scratch_dir(prefix: str = "adapterlab-") -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix))
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
+
+# %% ../../nbs/00_config.ipynb #56c1881f
+def import_jsonschema():
+    "The `jsonschema` module, imported without `rfc3987_syntax` (only its unused `iri` format check needs it)."
+    if "jsonschema" not in sys.modules:
+        sys.modules.setdefault("rfc3987_syntax", None)   # None: `import rfc3987_syntax` raises ImportError, which jsonschema expects
+    import jsonschema
+    return jsonschema
 
 # %% ../../nbs/00_config.ipynb #d4f72553
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "experiment")

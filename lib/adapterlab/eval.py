@@ -21,9 +21,10 @@ from .formats import Example
 from .metrics import *   # re-exported: `from adapterlab.eval import score` predates the split
 
 # %% auto #0
-__all__ = ['chat_prompt', 'completion_text', 'reference_nll', 'generation_kwargs', 'generate_predictions', 'merged_adapter',
-           'table_cell', 'report_markdown', 'plot_metrics', 'eval_config', 'resolve_eval_run', 'find_artifact',
-           'latest_run_dir', 'check_metric_inputs', 'load_predictions', 'evaluate_run', 'add_cli']
+__all__ = ['chat_prompt', 'completion_text', 'reference_nll', 'generation_batch_size', 'generation_kwargs',
+           'generate_predictions', 'merged_adapter', 'table_cell', 'report_markdown', 'plot_metrics', 'eval_config',
+           'resolve_eval_run', 'find_artifact', 'latest_run_dir', 'check_metric_inputs', 'load_predictions',
+           'evaluate_run', 'add_cli']
 
 # %% ../../nbs/09_eval.ipynb #58433a1b
 def _device(model):
@@ -83,6 +84,10 @@ def reference_nll(model, tokenizer, examples: Sequence[Example], batch_size: int
             bar.update(len(batch))
     return out
 
+def generation_batch_size(cfg: Config) -> int:
+    "Prompts generated together: `eval.batch_size`, else the hardware profile's `hw.eval_batch_size`."
+    return cfg.eval.batch_size or cfg.hw.eval_batch_size
+
 def generation_kwargs(cfg: Config, tokenizer) -> dict:
     "What `generate` gets: length, decoding, and the tokens that pad and stop."
     from adapterlab.models import stop_token_ids
@@ -95,7 +100,8 @@ def generation_kwargs(cfg: Config, tokenizer) -> dict:
     return kw
 
 def generate_predictions(model, tokenizer, examples: Sequence[Example], cfg: Config, desc: str = "generate") -> list[dict]:
-    "Answer every eval prompt (batched, left-padded, seeded) and, when asked for, measure reference perplexity."
+    """Answer every eval prompt (batched, left-padded, seeded) and, when asked for, measure reference perplexity (a
+    teacher-forced pass with full-vocabulary logits, like a training forward: batched as `hw.batch_size`)."""
     import torch
     from transformers import set_seed
     prompts = [split_reference(ex) for ex in examples]
@@ -107,7 +113,7 @@ def generate_predictions(model, tokenizer, examples: Sequence[Example], cfg: Con
     device = _device(model)
     set_seed(cfg.seed)
     with torch.inference_mode(), _progress(len(texts), desc) as bar:
-        for batch in _batches(order, cfg.eval.batch_size):
+        for batch in _batches(order, generation_batch_size(cfg)):
             enc = tokenizer([texts[i] for i in batch], add_special_tokens=False, padding=True, padding_side="left",
                             return_tensors="pt").to(device)
             out = model.generate(**enc, **kw)
@@ -118,7 +124,7 @@ def generate_predictions(model, tokenizer, examples: Sequence[Example], cfg: Con
                 answers[i] = (tokenizer.decode(toks[:stop or len(toks)], skip_special_tokens=True).strip(),
                               stop or len(toks), stop is not None)
             bar.update(len(batch))
-    nll = (reference_nll(model, tokenizer, examples, cfg.eval.batch_size, f"{desc} perplexity")
+    nll = (reference_nll(model, tokenizer, examples, cfg.eval.batch_size or cfg.hw.batch_size, f"{desc} perplexity")
            if "perplexity" in expand_metrics(cfg.eval.metrics, examples=examples) else None)  # `auto` included
     records = []
     for i, ex in enumerate(examples):
@@ -313,7 +319,7 @@ def evaluate_run(run_dir: str | Path, eval_spec: str | None = None, overrides: l
         "run_id": run_dir.name, "eval_set": str(spec), "n_examples": len(examples),
         "base_model": cfg.model.base_model, "artifact": str(artifact.relative_to(run_dir)),
         "seed": cfg.seed, "bootstrap_samples": cfg.eval.bootstrap_samples, "json_schema": cfg.eval.json_schema,
-        "generation": {"max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size,
+        "generation": {"max_new_tokens": cfg.eval.max_new_tokens, "batch_size": generation_batch_size(cfg),
                        "do_sample": cfg.eval.do_sample, "temperature": cfg.eval.temperature if cfg.eval.do_sample else None,
                        "adapter_merged": merged},
         "truncated": {"base": sum(not r["finished"] for r in base), "adapter": sum(not r["finished"] for r in adapted)},

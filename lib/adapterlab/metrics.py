@@ -183,7 +183,8 @@ def parse_json_answer(text: str) -> tuple[bool, Any]:
 
 def load_json_schema(spec: str | Path | dict):
     "A `jsonschema` validator for a schema file (path or `sample:...`) or dict; a bad schema fails here, not later."
-    import jsonschema
+    from adapterlab.config import import_jsonschema
+    jsonschema = import_jsonschema()
     where = str(spec)
     if isinstance(spec, dict):
         schema, where = spec, "json_schema"

@@ -82,6 +82,8 @@ class HwConfig:
     double_quant: bool = spec("quantize the 4-bit quantization constants too (QLoRA)")
     compute_dtype: str = spec("dtype of 4-bit matmuls; auto as for dtype", choices=("auto", "float32", "bfloat16", "float16"))
     batch_size: int = spec("micro-batch per device", ge=1)
+    eval_batch_size: int = spec("prompts the eval stage generates together on this hardware, unless eval.batch_size says "
+                                "(generation keeps no activations for a backward pass, so it fits more than a training micro-batch)", ge=1)
     grad_accum: int = spec("micro-batches per optimizer step", ge=1)
     gradient_checkpointing: bool = spec("recompute activations in backward to save memory")
     completion_logits_only: bool = spec("on the CPU, project only the trained positions through the LM head: TRL's loss, "
@@ -98,7 +100,7 @@ class HwConfig:
 @dataclass
 class EvalConfig:
     max_new_tokens: int = spec("generation length limit", ge=1)
-    batch_size: int = spec("prompts generated together", ge=1)
+    batch_size: Optional[int] = spec("prompts generated together; null = hw.eval_batch_size", ge=1)
     metrics: list[str] = spec("metrics to report")
     bootstrap_samples: int = spec("resamples for the 95% confidence interval", ge=100)
     max_examples: Optional[int] = spec("evaluate on the first N examples only", ge=1)
@@ -106,6 +108,8 @@ class EvalConfig:
     json_schema: Optional[str] = spec("JSON schema file the answers must conform to")
     do_sample: bool = spec("sample instead of greedy decoding")
     temperature: float = spec("sampling temperature (used only when do_sample)", gt=0)
+    llama_cpp: bool = spec("also answer with the adapter in llama.cpp (base GGUF + adapter GGUF) and score it as a third "
+                           "column; needs the gguf extra and a GGUF base model")
 
 @dataclass
 class QueueConfig:
