@@ -298,13 +298,15 @@ def evaluate_run(run_dir: str | Path, eval_spec: str | None = None, overrides: l
         raise ArtifactError(f"{artifact}: refusing to evaluate an artifact that fails verification:\n  " + "\n  ".join(problems))
 
     base_model, tokenizer, source = load_base_model(cfg)
-    model = load_verified_adapter(artifact, base_model=base_model)
-    model.eval()
+    base_model.eval()
     timings = {}
     start = time.time()
-    with model.disable_adapter():
-        base = generate_predictions(model, tokenizer, examples, cfg, desc="base")
+    # the base column before the adapter is attached: PEFT's disable_adapter() still routes every adapted layer
+    # through its LoRA wrapper, which on a CPU costs as much per generated token as a small model's matmuls
+    base = generate_predictions(base_model, tokenizer, examples, cfg, desc="base")
     timings["base_seconds"] = round(time.time() - start, 2)
+    model = load_verified_adapter(artifact, base_model=base_model)   # verifies it again, with the base's weight hashes
+    model.eval()
     start = time.time()
     with merged_adapter(model) as merged:   # the last use of the model: one matmul per layer at each token
         adapted = generate_predictions(model, tokenizer, examples, cfg, desc="adapter")
