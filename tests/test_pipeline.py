@@ -93,11 +93,15 @@ def test_runs_made_without_the_pipeline_get_a_real_status(tmp_path):
     assert {r["id"]: r["status"] for r in list_runs(tmp_path / "runs")}["died"] == "interrupted"
 
 
-def _start_and_wait_for_a_stage(root: Path, stage: str, timeout: float = 600) -> tuple[subprocess.Popen, Path]:
-    "Start `adapterlab run -f ci --until compat` in its own session; return once `stage` is running."
+def _start_and_wait_for_a_stage(root: Path, stage: str, timeout: float = 600,
+                                sigint=signal.SIG_DFL) -> tuple[subprocess.Popen, Path]:
+    """Start `adapterlab run -f ci --until compat` in its own session; return once `stage` is running. The child's
+    SIGINT disposition is `sigint`: default, as for a job in a terminal's foreground, whatever this test process
+    inherited (pytest started in the background by a script has SIGINT ignored, and children inherit that)."""
     proc = subprocess.Popen(adapterlab("run", "-f", "ci", "--hw", "cpu", "--until", "compat", "--set",
                                        f"output.root={root}"), cwd=project_root(), env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
     deadline = time.time() + timeout
     while time.time() < deadline:
         for status in root.glob("runs/*/status.json"):
@@ -146,8 +150,10 @@ def test_ctrl_c_stops_a_run_in_one_line_as_interrupted_and_it_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_pipeline_alone_stops_it_as_interrupted(tmp_path):
-    proc, run_dir = _start_and_wait_for_a_stage(tmp_path, "data")
+@pytest.mark.parametrize("sigint", [signal.SIG_DFL, signal.SIG_IGN], ids=["foreground", "background-job"])
+def test_sigterm_to_the_pipeline_alone_stops_it_as_interrupted(tmp_path, sigint):
+    # background-job: `adapterlab run ... &` from a script starts with SIGINT ignored; `kill PID` must still stop it
+    proc, run_dir = _start_and_wait_for_a_stage(tmp_path, "data", sigint=sigint)
     proc.send_signal(signal.SIGTERM)      # `kill PID`: the pipeline only, not its kernel
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 130 and len(err.strip().splitlines()) == 1, (out, err)

@@ -191,7 +191,12 @@ def _sigterm_as_interrupt():
     if threading.current_thread() is not threading.main_thread():
         return None
     def handler(signum, frame):   # re-sent as SIGINT: the event loop papermill runs in turns SIGINT into a clean stop,
-        os.kill(os.getpid(), signal.SIGINT)   # where an exception raised from here could be lost inside the loop
+        # where an exception raised from here could be lost inside the loop. A process started in the background by a
+        # non-interactive shell (`adapterlab run ... &` in a script) inherits SIGINT *ignored*: SIGTERM must stop it
+        # all the same, so Python's own SIGINT handler goes back in first.
+        if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.kill(os.getpid(), signal.SIGINT)
     return signal.signal(signal.SIGTERM, handler)
 
 def run_pipeline(experiment: str = "json_contacts", hw: str = "cpu", overrides: list[str] | None = None,
