@@ -17,7 +17,7 @@ from adapterlab.artifact import ArtifactError, verify_artifact, write_artifact
 from adapterlab.artifact_load import load_verified_adapter
 from adapterlab.config import resolve_config
 from adapterlab.models import load_base_model, resolve_model, sha256_file
-from adapterlab.serve import AdapterSet, add_cli, artifact_config, vllm_lora_problems
+from adapterlab.serve import AdapterSet, add_cli, artifact_config, serving_config, vllm_lora_problems
 
 TEXTS = ["Return a JSON object with the keys \"name\", \"age\", \"city\" and \"job\" for this text:\n"
          "Ana Ruiz, 30, is a chef in Quito.", "A second, longer sentence so that the batch needs padding here."]
@@ -121,8 +121,9 @@ def test_adapters_switch_by_name(ci_run, tmp_path):
     assert torch.equal(a1, a2)                    # switching back gives exactly the same model
     assert (a1 - b).abs().max() > 1e-2 and (a1 - base).abs().max() > 1e-2 and (b - base).abs().max() > 1e-2
 
-    # each adapter, switched to, computes what it computes when loaded alone on a fresh base
-    cfg = artifact_config(contacts)
+    # each adapter, switched to, computes what it computes when loaded alone on a fresh base, placed as serving places
+    # it (on a CPU: fp32, whatever dtype the adapter trained with: the cpu profile's bf16 here)
+    cfg = serving_config(contacts)
     for art, seen in ((contacts, a1), (other, b)):
         fresh, _, _ = load_base_model(cfg)
         alone = _logits(load_verified_adapter(art, fresh), tok)
