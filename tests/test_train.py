@@ -38,7 +38,9 @@ def test_adapter_reloads_with_same_logits_in_plain_peft(ci_run):
     from transformers import AutoModelForCausalLM
     art = Path(ci_run.summary["artifact"])
     base_location = json.loads((art / "metadata.json").read_text())["base_model"]["location"]
-    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_location), art).eval()
+    import yaml   # the base in the dtype the artifact records (the cpu profile's auto: bf16 on a bf16 CPU)
+    dtype = getattr(torch, yaml.safe_load((art / "training_config.yaml").read_text())["hw"]["dtype"])
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_location, dtype=dtype), art).eval()
     batch = ci_run.tokenizer(["Meet Ana Ruiz, 30, who works as a chef in Quito."], return_tensors="pt")
     ci_run.model.eval()
     with torch.inference_mode():
