@@ -56,7 +56,8 @@ nbtest: install
 
 # The whole pipeline once on the `ci` experiment, and the DPO stage after it in the same run folder (its notebook
 # then has outputs on the docs site, like every stage). The eval stage also scores the adapter in llama.cpp (base GGUF
-# + adapter GGUF, `eval.llama_cpp`), so the GGUF runtime is proven on both TRL environments.
+# + adapter GGUF, `eval.llama_cpp`), so every CI run proves the GGUF runtime (the oldest-TRL environment below has no
+# llama-cpp-python, whose build takes minutes: it runs the pipeline without that column).
 pipeline-ci: install
 	$(BIN)/adapterlab run --hw cpu -f ci --also preference --set eval.llama_cpp=true
 
@@ -111,7 +112,7 @@ $(OLDEST_STAMP): pyproject.toml
 pipeline-oldest: $(OLDEST_STAMP)
 	rm -rf outputs/compat/oldest
 	# its own model cache: the embedded GGUF is converted by the old transformers too, not reused from the newest one
-	ADAPTERLAB_CACHE=$(CURDIR)/$(OLDEST_VENV)/cache $(OLDEST_VENV)/bin/adapterlab run --hw cpu -f ci --set output.root=outputs/compat/oldest --set eval.llama_cpp=true
+	ADAPTERLAB_CACHE=$(CURDIR)/$(OLDEST_VENV)/cache $(OLDEST_VENV)/bin/adapterlab run --hw cpu -f ci --set output.root=outputs/compat/oldest
 	$(OLDEST_VENV)/bin/python -c "$$RECORD_RUN_PY" oldest outputs/compat/oldest $(OLDEST_VENV) "$(OLDEST_PINS)"
 
 # The docs site (mkdocs) into _docs/: index.ipynb, every module's API, each stage with the newest finished run's
