@@ -1,6 +1,6 @@
 """The pipeline runner: a failing stage stops the run in one line (file:line, log file); a run is `interrupted` when its
 process died (SIGKILL) or was stopped (Ctrl-C), and `--resume` continues it; one process per run folder; runs made
-without the pipeline get a real status."""
+without the pipeline get a real status; the stages of a run share one kernel, and each finds it as a new kernel."""
 import json
 import re
 import os
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from adapterlab.config import HardwareError, open_run, project_root
-from adapterlab.pipeline import StageFailed, list_runs, read_status, run_pipeline, run_state
+from adapterlab.pipeline import StageFailed, StageKernel, list_runs, read_status, run_pipeline, run_state
 from adapterlab.tracking import RunBusy, lock_run, owner_record
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -158,3 +158,29 @@ def test_sigterm_to_the_pipeline_alone_stops_it_as_interrupted(tmp_path, sigint)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 130 and len(err.strip().splitlines()) == 1, (out, err)
     assert "interrupted during stage 'data'" in err and read_status(run_dir)["status"] == "interrupted"
+
+
+def _notebook(path: Path, source: str) -> str:
+    import nbformat
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+    nb.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "Python 3"}
+    nbformat.write(nb, path)
+    return str(path)
+
+
+def test_the_next_stage_in_the_shared_kernel_finds_the_last_ones_model_freed(tmp_path):
+    import papermill
+    build = _notebook(tmp_path / "build.ipynb", "import torch\nmodel = torch.nn.Linear(512, 512)\nmodel   # shown: Out[1] holds it too")
+    count = _notebook(tmp_path / "count.ipynb", "import gc, os, torch\n"
+                      "print(os.getpid(), sum(isinstance(o, torch.nn.Linear) for o in gc.get_objects()), 'model' in globals())")
+    run = lambda nb, i, **engine: papermill.execute_notebook(nb, str(tmp_path / f"out{i}.ipynb"), progress_bar=False,
+                                                             **engine).cells[0]
+    with StageKernel(tmp_path / "kernel.log") as kernel:
+        run(build, 0, **kernel.engine_kwargs())
+        unreset = run(count, 1, km=kernel.km).outputs[0].text.split()   # the same kernel, not reset: the probe sees it
+        after = run(count, 2, **kernel.engine_kwargs())
+        pid = kernel.km.provisioner.pid
+    assert unreset[1:] == ["1", "True"]
+    assert after.outputs[0].text.split() == [unreset[0], "0", "False"] and after.execution_count == 1
+    assert str(pid) == unreset[0]                                      # one kernel process all along ...
+    assert not kernel.km.has_kernel                                    # ... shut down when the run ends

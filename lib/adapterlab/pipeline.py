@@ -25,9 +25,10 @@ from .config import (AdapterlabError, Config, check_hardware, find_run, load_run
 from .run_report import _json, _now, read_status, report_markdown, run_state, write_report, write_status
 
 # %% auto #0
-__all__ = ['STAGES', 'DRY_RUN_STAGES', 'OPTIONAL_STAGES', 'NOTEBOOK_DRIVER', 'StageFailed', 'RunInterrupted', 'stage_notebook',
-           'environment_lock', 'write_provenance', 'ipc_kernel_manager', 'error_location', 'run_stage', 'run_pipeline',
-           'stage_run_dir', 'finish_stage', 'list_runs', 'format_runs', 'add_cli']
+__all__ = ['STAGES', 'DRY_RUN_STAGES', 'OPTIONAL_STAGES', 'KERNEL_RESET_TIMEOUT_S', 'NOTEBOOK_DRIVER', 'StageFailed',
+           'RunInterrupted', 'stage_notebook', 'environment_lock', 'write_provenance', 'ipc_kernel_manager',
+           'error_location', 'run_stage', 'StageKernel', 'run_pipeline', 'stage_run_dir', 'finish_stage', 'list_runs',
+           'format_runs', 'add_cli']
 
 # %% ../../nbs/11_pipeline.ipynb #b5c94c85
 STAGES = ("data", "compat", "train", "regressions", "eval")
@@ -98,6 +99,11 @@ def ipc_kernel_manager(folder: Path, log: Path | None = None):
             with open(log, "ab") as err:   # the kernel holds its own copy of the descriptor
                 return await super()._async_launch_kernel(kernel_cmd, **{"stderr": err, **kw})
 
+        def client(self, **kw):   # nbclient makes one per notebook; a shared kernel's owner closes them (`StageKernel`)
+            kc = super().client(**kw)
+            self.clients = [*getattr(self, "clients", []), kc]
+            return kc
+
     return IPCKernelManager
 
 _FRAME = re.compile(r'File "?(?P<file>[^",\s]+)"?(?::|, line )(?P<line>\d+)|Cell In\[(?P<cell>\d+)\], line (?P<cline>\d+)')
@@ -131,22 +137,40 @@ def _stop_kernels() -> None:
         except psutil.Error:
             pass
 
-def run_stage(name: str, index: int, run_dir: Path, parameters: dict, progress=None) -> Path:
+def _drop_pending_tasks() -> None:
+    """Cancel what an interrupt left pending in the event loop papermill ran on (the cell it was waiting for): the
+    next use of that loop (shutting a shared kernel down) would resume it, and it would report the stopped kernel."""
+    import asyncio
+    from jupyter_core.utils import ensure_event_loop
+    loop = ensure_event_loop()
+    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for t in pending:
+        t.cancel()
+    if pending and not loop.is_running():
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+
+def run_stage(name: str, index: int, run_dir: Path, parameters: dict, progress=None, kernel=None) -> Path:
     """Execute one stage notebook into `run_dir/notebooks/`, its output stream into `progress` (a
     `tracking.StageProgress`: live progress and the stage's log file); raise `StageFailed` as one line: the stage,
-    `file:line`, the error, and where the full traceback is."""
+    `file:line`, the error, and where the full traceback is. `kernel`: a `StageKernel` the stages of a run share
+    (reset before each); None: a kernel of its own, whose stderr goes to the stage's log."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
     src = stage_notebook(name)
     out = run_dir / "notebooks" / f"{index:02d}_{name}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
     log = progress.log_path if progress is not None else None
+    # what papermill and nbclient log (a kernel that died) goes to the stage's log: the terminal gets our one line
+    import logging
+    said = logging.FileHandler(log, encoding="utf-8") if log is not None else logging.NullHandler()
+    logging.getLogger("papermill").addHandler(said)
     try:
         with tempfile.TemporaryDirectory(prefix="adapterlab-kernel-") as sockets:
+            engine = kernel.engine_kwargs() if kernel is not None else \
+                {"kernel_manager_class": ipc_kernel_manager(Path(sockets), log)}
             papermill.execute_notebook(str(src), str(out), parameters=parameters, kernel_name="python3",
                                        progress_bar=False, log_output=False, cwd=str(src.parent),
-                                       stdout_file=progress, stderr_file=progress,
-                                       kernel_manager_class=ipc_kernel_manager(Path(sockets), log))
+                                       stdout_file=progress, stderr_file=progress, **engine)
     except PapermillExecutionError as e:
         if e.ename == "KeyboardInterrupt":   # Ctrl-C reached the kernel before us
             raise KeyboardInterrupt from None
@@ -159,12 +183,80 @@ def run_stage(name: str, index: int, run_dir: Path, parameters: dict, progress=N
                           f"{first_line} (full traceback: {log or out})") from None
     except KeyboardInterrupt:
         _stop_kernels()   # papermill may not have shut the busy kernel down: it must not go on writing into the run
+        _drop_pending_tasks()
         raise
     except Exception as e:   # the kernel died (killed, out of memory), or papermill could not start it
         raise StageFailed(f"stage '{name}' failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
                           f" (executed notebook: {out})") from None
+    finally:
+        logging.getLogger("papermill").removeHandler(said)
+        said.close()
     return out
 
+
+# %% ../../nbs/11_pipeline.ipynb #23fca512
+KERNEL_RESET_TIMEOUT_S = 120   # a reset frees memory and collects garbage: seconds, never minutes
+
+_RESET_KERNEL = """\
+get_ipython().reset(new_session=True)   # names, Out/_ history, execution count back to 1
+import gc as _gc, sys as _sys
+if "matplotlib.pyplot" in _sys.modules: _sys.modules["matplotlib.pyplot"].close("all")
+_gc.collect()
+if "torch" in _sys.modules and _sys.modules["torch"].cuda.is_available(): _sys.modules["torch"].cuda.empty_cache()
+del _gc, _sys
+"""
+
+class StageKernel:
+    """One Jupyter kernel shared by the stages of a pipeline run (its own stderr to `log`); reset before every stage
+    after the first. Use it as a context manager: leaving it shuts the kernel down."""
+    def __init__(self, log: Path | None = None):
+        self._sockets = tempfile.TemporaryDirectory(prefix="adapterlab-kernel-")
+        self.km = ipc_kernel_manager(Path(self._sockets.name), log)(kernel_name="python3")
+        self.stages = 0
+
+    def engine_kwargs(self) -> dict:
+        "papermill's keyword arguments for the next stage: this kernel, reset when a stage already ran in it."
+        self._close_clients()
+        if self.km.has_kernel:
+            self.run(_RESET_KERNEL)
+        self.stages += 1
+        return {"km": self.km}
+
+    def run(self, code: str) -> dict:
+        "Execute `code` in the kernel, outside any notebook and its history; the reply's content (raises if it failed)."
+        kc = self.km.blocking_client()
+        kc.start_channels()
+        try:
+            reply = kc.execute_interactive(code, silent=True, store_history=False, timeout=KERNEL_RESET_TIMEOUT_S,
+                                           output_hook=lambda msg: None)["content"]
+        finally:
+            kc.stop_channels()
+        if reply["status"] != "ok":
+            raise StageFailed(f"the stage kernel could not run {code.splitlines()[0]!r}: "
+                              f"{reply.get('ename')}: {reply.get('evalue')}")
+        return reply
+
+    def _close_clients(self):
+        for kc in getattr(self.km, "clients", []):
+            kc.stop_channels()
+        self.km.clients = []
+
+    def close(self):
+        "Shut the kernel down (if it is still up) and remove its sockets."
+        from jupyter_core.utils import run_sync
+        self._close_clients()
+        if self.km.has_kernel:
+            if run_sync(self.km.is_alive)():
+                run_sync(self.km.shutdown_kernel)(now=True)
+            else:   # killed (Ctrl-C, out of memory): only its connection files are left
+                run_sync(self.km.cleanup_resources)()
+        self._sockets.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 # %% ../../nbs/11_pipeline.ipynb #d96201a6
 class _Heartbeat:
@@ -233,7 +325,8 @@ def run_pipeline(experiment: str = "json_contacts", hw: str = "cpu", overrides: 
             echo(f"mlflow: run {run_id} in {tracking.redact_uri(tracking.mlflow_uri(cfg))}")
         todo = [s for s in stages if not dry_run or s in DRY_RUN_STAGES]
         echo(f"run {run_dir.name}: {' → '.join(todo)}{' (dry run)' if dry_run else ''}")
-        with _Heartbeat(run_dir, status, cfg.tracking.heartbeat_s):
+        (run_dir / "logs").mkdir(exist_ok=True)
+        with _Heartbeat(run_dir, status, cfg.tracking.heartbeat_s), StageKernel(run_dir / "logs" / "kernel.log") as kernel:
             for i, name in enumerate(todo, 1):
                 record = status["stages"].get(name, {})
                 if record.get("status") == "done":
@@ -250,7 +343,7 @@ def run_pipeline(experiment: str = "json_contacts", hw: str = "cpu", overrides: 
                 try:
                     with tracking.StageProgress(name, run_dir, cfg, run_dir / "logs" / f"{i:02d}_{name}.log",
                                                 out=out) as progress:
-                        notebook = run_stage(name, i, run_dir, params, progress)
+                        notebook = run_stage(name, i, run_dir, params, progress, kernel)
                 except StageFailed as e:
                     status["stages"][name].update(status="failed", seconds=round(time.time() - start, 1), error=str(e))
                     status["status"] = "failed"
