@@ -21,7 +21,7 @@ from .formats import Example
 from .metrics import *   # re-exported: `from adapterlab.eval import score` predates the split
 
 # %% auto #0
-__all__ = ['chat_prompt', 'completion_text', 'reference_nll', 'generation_batch_size', 'generation_kwargs',
+__all__ = ['chat_prompt', 'completion_text', 'labelled_nll_sums', 'reference_nll', 'generation_batch_size', 'generation_kwargs',
            'generate_predictions', 'merged_adapter', 'table_cell', 'report_markdown', 'plot_metrics', 'eval_config',
            'resolve_eval_run', 'find_artifact', 'latest_run_dir', 'check_metric_inputs', 'load_predictions',
            'evaluate_run', 'add_cli']
@@ -51,10 +51,27 @@ def _progress(total: int, desc: str):
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, unit="ex")
 
+def labelled_nll_sums(model, ids, mask, labels):
+    """The summed NLL of each row's labelled tokens (-100: not scored), teacher-forced. When the LM head's logits are
+    plain (no soft-capping or scaling to reproduce), only the labelled positions go through it, as in training
+    (`adapterlab.train.completion_loss`): the full-vocabulary logits of every prompt token (49k-262k floats each) are
+    never built; otherwise the model's own logits are used."""
+    import torch
+    import torch.nn.functional as F
+    from adapterlab.train import plain_lm_head
+    target = labels[:, 1:]
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not plain_lm_head(lm):
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        return F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none").sum(dim=1)
+    hidden = lm.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
+    keep = target != -100
+    per_token = F.cross_entropy(lm.get_output_embeddings()(hidden[keep]).float(), target[keep], reduction="none")
+    return torch.zeros(len(ids), dtype=per_token.dtype, device=per_token.device).index_add_(0, keep.nonzero()[:, 0], per_token)
+
 def reference_nll(model, tokenizer, examples: Sequence[Example], batch_size: int, desc: str = "perplexity") -> list[tuple[float, int]]:
     "`(summed NLL, tokens)` of each reference completion given its prompt, teacher-forced."
     import torch
-    import torch.nn.functional as F
     rows = []
     for ex in examples:
         prompt, reference = split_reference(ex)
@@ -76,9 +93,7 @@ def reference_nll(model, tokenizer, examples: Sequence[Example], batch_size: int
                 ids[j, :len(p) + len(c)] = torch.tensor(p + c)
                 labels[j, len(p):len(p) + len(c)] = torch.tensor(c)
                 mask[j, :len(p) + len(c)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
-            target = labels[:, 1:].to(device)
-            nll = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none").sum(dim=1)
+            nll = labelled_nll_sums(model, ids.to(device), mask.to(device), labels.to(device))
             for j, i in enumerate(batch):
                 out[i] = (float(nll[j]), len(rows[i][1]))
             bar.update(len(batch))
@@ -101,7 +116,7 @@ def generation_kwargs(cfg: Config, tokenizer) -> dict:
 
 def generate_predictions(model, tokenizer, examples: Sequence[Example], cfg: Config, desc: str = "generate") -> list[dict]:
     """Answer every eval prompt (batched, left-padded, seeded) and, when asked for, measure reference perplexity (a
-    teacher-forced pass with full-vocabulary logits, like a training forward: batched as `hw.batch_size`)."""
+    teacher-forced pass like a training forward, the LM head on the reference tokens only: batched as `hw.batch_size`)."""
     import torch
     from transformers import set_seed
     prompts = [split_reference(ex) for ex in examples]
