@@ -46,8 +46,9 @@ sync-check: install
 readme-check: install
 	$(BIN)/adapterlab docs readme --check
 
+# --durations: the slowest tests, so CI's log says where its time goes (tests assert behaviour, never time)
 pytest: install
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra --durations=25
 
 # Module notebooks (numbered) run as tests (before pytest, whose docs test builds the API pages from them), under nbdev-test's rules, and their outputs are kept in _proc/executed/ for
 # the API pages of the docs site (one execution, not two); stage notebooks run in the pipeline below.

@@ -186,6 +186,8 @@ def run_stage(name: str, index: int, run_dir: Path, parameters: dict, progress=N
         _drop_pending_tasks()
         raise
     except Exception as e:   # the kernel died (killed, out of memory), or papermill could not start it
+        if _STOP_ASKED.is_set():   # killed by our SIGTERM handler: the run was interrupted, the stage did not fail
+            raise KeyboardInterrupt from None
         raise StageFailed(f"stage '{name}' failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
                           f" (executed notebook: {out})") from None
     finally:
@@ -278,11 +280,19 @@ class _Heartbeat:
         self.stop.set()
         self.thread.join()
 
+_STOP_ASKED = threading.Event()   # SIGTERM arrived: the run stops as interrupted, wherever its KeyboardInterrupt landed
+
 def _sigterm_as_interrupt():
-    "SIGTERM stops a run like Ctrl-C does (main thread only); returns the handler to restore."
+    """SIGTERM stops a run like Ctrl-C does (main thread only); returns the handler to restore. The KeyboardInterrupt
+    it causes is raised in whatever frame the main thread is in; inside a finalizer (`__del__`, run by the garbage
+    collector at any moment) Python prints it as "Exception ignored" and goes on, so the handler also stops the
+    stage's kernel and records the request (`_STOP_ASKED`), which the pipeline checks when a stage returns or fails."""
     if threading.current_thread() is not threading.main_thread():
         return None
-    def handler(signum, frame):   # re-sent as SIGINT: the event loop papermill runs in turns SIGINT into a clean stop,
+    _STOP_ASKED.clear()
+    def handler(signum, frame):
+        _STOP_ASKED.set()
+        _stop_kernels()   # re-sent as SIGINT: the event loop papermill runs in turns SIGINT into a clean stop,
         # where an exception raised from here could be lost inside the loop. A process started in the background by a
         # non-interactive shell (`adapterlab run ... &` in a script) inherits SIGINT *ignored*: SIGTERM must stop it
         # all the same, so Python's own SIGINT handler goes back in first.
@@ -290,6 +300,13 @@ def _sigterm_as_interrupt():
             signal.signal(signal.SIGINT, signal.default_int_handler)
         os.kill(os.getpid(), signal.SIGINT)
     return signal.signal(signal.SIGTERM, handler)
+
+def _quiet_lost_interrupts(hook):
+    "`sys.unraisablehook` that drops the KeyboardInterrupt a SIGTERM caused inside a finalizer (handled all the same)."
+    def quiet(unraisable):
+        if not (_STOP_ASKED.is_set() and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+            hook(unraisable)
+    return quiet
 
 def run_pipeline(experiment: str = "json_contacts", hw: str = "cpu", overrides: list[str] | None = None,
                  dry_run: bool = False, resume: str | Path | None = None, stages: tuple = STAGES,
@@ -306,7 +323,8 @@ def run_pipeline(experiment: str = "json_contacts", hw: str = "cpu", overrides: 
         check_hardware(*resolve_config(experiment, hw, overrides))   # a GPU profile without a GPU: stop before any stage
         cfg, run_dir = open_run(experiment, hw, overrides)
         lock = tracking.lock_run(run_dir)
-    previous = _sigterm_as_interrupt()
+    previous, unraisable = _sigterm_as_interrupt(), sys.unraisablehook
+    sys.unraisablehook = _quiet_lost_interrupts(unraisable)
     started_a_stage = False
     try:
         if not resume:
@@ -344,6 +362,8 @@ def run_pipeline(experiment: str = "json_contacts", hw: str = "cpu", overrides: 
                     with tracking.StageProgress(name, run_dir, cfg, run_dir / "logs" / f"{i:02d}_{name}.log",
                                                 out=out) as progress:
                         notebook = run_stage(name, i, run_dir, params, progress, kernel)
+                    if _STOP_ASKED.is_set():   # asked to stop, and the interrupt was lost where it landed
+                        raise KeyboardInterrupt
                 except StageFailed as e:
                     status["stages"][name].update(status="failed", seconds=round(time.time() - start, 1), error=str(e))
                     status["status"] = "failed"
@@ -387,6 +407,7 @@ def run_pipeline(experiment: str = "json_contacts", hw: str = "cpu", overrides: 
         raise
     finally:
         lock.release()
+        sys.unraisablehook = unraisable
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
