@@ -214,14 +214,12 @@ class StageKernel:
     def __init__(self, log: Path | None = None):
         self._sockets = tempfile.TemporaryDirectory(prefix="adapterlab-kernel-")
         self.km = ipc_kernel_manager(Path(self._sockets.name), log)(kernel_name="python3")
-        self.stages = 0
 
     def engine_kwargs(self) -> dict:
         "papermill's keyword arguments for the next stage: this kernel, reset when a stage already ran in it."
         self._close_clients()
         if self.km.has_kernel:
             self.run(_RESET_KERNEL)
-        self.stages += 1
         return {"km": self.km}
 
     def run(self, code: str) -> dict:
@@ -292,7 +290,8 @@ def _sigterm_as_interrupt():
     _STOP_ASKED.clear()
     def handler(signum, frame):
         _STOP_ASKED.set()
-        _stop_kernels()   # re-sent as SIGINT: the event loop papermill runs in turns SIGINT into a clean stop,
+        _stop_kernels()
+        # re-sent as SIGINT: the event loop papermill runs in turns SIGINT into a clean stop,
         # where an exception raised from here could be lost inside the loop. A process started in the background by a
         # non-interactive shell (`adapterlab run ... &` in a script) inherits SIGINT *ignored*: SIGTERM must stop it
         # all the same, so Python's own SIGINT handler goes back in first.
