@@ -30,7 +30,21 @@ install: $(STAMP)
 run: install
 	$(BIN)/adapterlab run --hw cpu
 
-test: install sync-check readme-check nbtest pytest pipeline-oldest pipeline-ci compat-newest docs
+# make test runs its phases one after the other and ends with a table of their seconds (also when one fails), so the
+# next regression in CI time shows where it is; outputs/test-phases.tsv keeps the same table.
+TEST_PHASES := install sync-check readme-check nbtest pytest pipeline-oldest pipeline-ci compat-newest docs
+PHASES_TSV := outputs/test-phases.tsv
+define PHASE_TABLE
+t=0; printf '\nmake test phases (%s, %s cores)\n%-16s %8s\n' "$$(date -u +%FT%TZ)" "$$(nproc)" phase seconds; \
+while read -r name secs state; do printf '%-16s %8s %s\n' "$$name" "$$secs" "$$state"; t=$$((t + secs)); done < $(PHASES_TSV); \
+printf '%-16s %8s\n' total "$$t"
+endef
+test:
+	@mkdir -p outputs; : > $(PHASES_TSV)
+	@for phase in $(TEST_PHASES); do start=$$(date +%s); \
+	  if $(MAKE) --no-print-directory $$phase; then echo "$$phase $$(( $$(date +%s) - start )) ok" >> $(PHASES_TSV); \
+	  else echo "$$phase $$(( $$(date +%s) - start )) FAILED" >> $(PHASES_TSV); $(PHASE_TABLE); \
+	    echo "make test: phase '$$phase' failed"; exit 1; fi; done; $(PHASE_TABLE)
 
 # lib/ must be exactly what nbdev exports from nbs/, and notebooks must be clean (no outputs, no stray metadata).
 sync-check: install

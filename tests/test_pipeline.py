@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from adapterlab.config import HardwareError, open_run, project_root
-from adapterlab.pipeline import StageFailed, StageKernel, list_runs, read_status, run_pipeline, run_state
+from adapterlab.pipeline import (HOLD_ENV, StageFailed, StageKernel, list_runs, read_status, run_pipeline,
+                                 run_state)
 from adapterlab.tracking import RunBusy, lock_run, owner_record
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -95,26 +96,27 @@ def test_runs_made_without_the_pipeline_get_a_real_status(tmp_path):
 
 def _start_and_wait_for_a_stage(root: Path, stage: str, timeout: float = 600,
                                 sigint=signal.SIG_DFL) -> tuple[subprocess.Popen, Path]:
-    """Start `adapterlab run -f ci --until compat` in its own session; return once `stage` is running. The child's
-    SIGINT disposition is `sigint`: default, as for a job in a terminal's foreground, whatever this test process
-    inherited (pytest started in the background by a script has SIGINT ignored, and children inherit that)."""
+    """Start `adapterlab run -f ci --until compat` in its own session; return once `stage` is running, held at the
+    pipeline's barrier (`hold_point`) inside the stage's kernel: the signal then lands during that stage on any machine,
+    however fast the stages before it run. The child's SIGINT disposition is `sigint`: default, as for a job in a
+    terminal's foreground, whatever this test process inherited (pytest started in the background by a script has
+    SIGINT ignored, and children inherit that)."""
+    held = root / f"held-{stage}"
     proc = subprocess.Popen(adapterlab("run", "-f", "ci", "--hw", "cpu", "--until", "compat", "--set",
-                                       f"output.root={root}"), cwd=project_root(), env=ENV, stdout=subprocess.PIPE,
+                                       f"output.root={root}"), cwd=project_root(),
+                            env={**ENV, HOLD_ENV: f"{stage}:{held}"}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
     deadline = time.time() + timeout
     while time.time() < deadline:
-        for status in root.glob("runs/*/status.json"):
-            try:
-                if json.loads(status.read_text())["stages"].get(stage, {}).get("status") == "running":
-                    time.sleep(3)   # well inside the stage: its kernel is up and working
-                    return proc, status.parent
-            except (json.JSONDecodeError, KeyError):
-                pass
+        if held.exists():
+            (run_dir,) = [s.parent for s in root.glob("runs/*/status.json")]
+            assert read_status(run_dir)["stages"][stage]["status"] == "running"
+            return proc, run_dir
         assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
+        time.sleep(0.1)
     proc.kill()
-    raise AssertionError(f"stage {stage} never started")
+    raise AssertionError(f"stage {stage} never reached its barrier")
 
 
 def _resume_finishes(run_dir: Path) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from .config import AdapterlabError, Config, config_to_dict, redact_secrets
-from .models import ModelSource, load_tokenizer, portable_name, sha256_file
+from .models import ModelSource, load_tokenizer, model_numerics, portable_name, sha256_file
 from .provenance import (base_model_provenance, dataset_provenance, git_state, hardware_info, model_card,
                                    package_versions)
 from .report import write_json
@@ -147,7 +147,7 @@ def write_artifact(run_dir: str | Path, model, cfg: Config, *, metrics: dict, ba
             "run_id": run_dir.name, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "experiment": cfg.experiment, "hw_profile": cfg.hw.name, "seed": cfg.seed,
             "base_model": base_model_provenance(base), "datasets": dataset_provenance(data_files or {}),
-            "adapter": {k: adapter_cfg.get(k) for k in ADAPTER_RECORD_KEYS},
+            "adapter": {k: adapter_cfg.get(k) for k in ADAPTER_RECORD_KEYS}, "numerics": model_numerics(model),
             "git": git_state(), "packages": package_versions(), "hardware": hardware_info(), **(extra or {})})
         write_json(tmp / "metadata.json", meta)
         (tmp / "training_config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))

@@ -19,7 +19,8 @@ from .report import write_json
 from .signing import RUN_RECORD, check_signature, record_artifact, record_problems, sign_folder
 
 # %% auto #0
-__all__ = ['loading_problems', 'require_verified', 'load_verified_adapter', 'update_artifact_metrics', 'verify_run', 'add_cli']
+__all__ = ['loading_problems', 'require_verified', 'recorded_numerics', 'numerics_problems', 'load_verified_adapter',
+           'update_artifact_metrics', 'verify_run', 'add_cli']
 
 # %% ../../nbs/27_artifact_load.ipynb #da76e209
 def _recorded_base_location(folder: Path) -> str | None:
@@ -85,17 +86,52 @@ def require_verified(path: str | Path, base_model=None, what: str = "load") -> P
         raise ArtifactError(f"{folder}: refusing to {what} an artifact that fails verification: " + "; ".join(problems))
     return folder
 
-def load_verified_adapter(path: str | Path, base_model=None, *, adapter_name: str = "default", is_trainable: bool = False):
-    "Verify an artifact, then load it onto `base_model` (or the base its metadata names). Refuses a bad artifact."
+def recorded_numerics(folder: str | Path) -> dict | None:
+    "What the model that trained computed with (`models.model_numerics`, in metadata.json), or None for an older artifact."
+    try:
+        numerics = json.loads((Path(folder) / "metadata.json").read_text(encoding="utf-8")).get("numerics")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return numerics if isinstance(numerics, dict) else None
+
+def _quant_name(q: dict | None) -> str:
+    return "a full-precision base" if not q else f"a 4-bit {q.get('quant_type')} base (compute {q.get('compute_dtype')})"
+
+def numerics_problems(folder: str | Path, base_model, other_base: bool = False) -> list[str]:
+    """A base other than the one the adapter trained on (a QLoRA adapter on a full-precision base, or the reverse, or
+    another 4-bit format) moves its outputs: refused unless the caller says so (`other_base`)."""
+    recorded = recorded_numerics(folder)
+    if other_base or recorded is None:
+        return []
+    from adapterlab.models import model_numerics
+    trained, here = recorded.get("quantization"), model_numerics(base_model)["quantization"]
+    if trained == here:
+        return []
+    return [f"metadata.json: numerics.quantization: the adapter trained on {_quant_name(trained)}, this base is "
+            f"{_quant_name(here)}; load the base as it trained, or say that another base is meant "
+            f"(other_base=True, `--base full`)"]
+
+def load_verified_adapter(path: str | Path, base_model=None, *, adapter_name: str = "default", is_trainable: bool = False,
+                          other_base: bool = False):
+    """Verify an artifact, then load it onto `base_model` (or the base its metadata names). Refuses a bad artifact, and a
+    base other than the one it trained on unless `other_base`. On the base it trained on, the adapter's weights get
+    the dtype they trained in (PEFT would upcast a bf16 QLoRA adapter to float32)."""
     from peft import PeftModel
+    from adapterlab.models import cast_adapter
     folder = require_verified(path, base_model)
     if base_model is None:
         base_model = _load_base_for(folder)
         require_verified(folder, base_model)
+    if problems := numerics_problems(folder, base_model, other_base):
+        raise ArtifactError(f"{folder}: refusing to load: " + "; ".join(problems))
     if isinstance(base_model, PeftModel):   # a second adapter on a base that already carries one
         base_model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
-        return base_model
-    return PeftModel.from_pretrained(base_model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
+        model = base_model
+    else:
+        model = PeftModel.from_pretrained(base_model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
+    if not other_base:
+        cast_adapter(model, (recorded_numerics(folder) or {}).get("adapter_dtype"))
+    return model
 
 def _load_base_for(folder: Path):
     "The base a verified artifact records, loaded with remote code off whatever any file says."

@@ -26,10 +26,10 @@ from .schema import NAME_PATTERN, Config
 
 # %% auto #0
 __all__ = ['SECTIONS', 'project_root', 'params_dir', 'AdapterlabError', 'ConfigError', 'RunNotFound', 'Layer', 'load_layer',
-           'overrides_layer', 'merge_layers', 'build_dataclass', 'find_params_file', 'resolve_config', 'HardwareError',
-           'check_hardware', 'redact_secrets', 'config_to_dict', 'config_from_dict', 'runs_root', 'new_run_id',
-           'make_run_dir', 'save_config', 'load_run_config', 'find_run', 'quiet_stage_output', 'scratch_dir',
-           'import_jsonschema', 'injected_sections', 'open_run']
+           'CheckFailed', 'check', 'overrides_layer', 'merge_layers', 'build_dataclass', 'find_params_file',
+           'resolve_config', 'HardwareError', 'check_hardware', 'redact_secrets', 'config_to_dict', 'config_from_dict',
+           'runs_root', 'new_run_id', 'make_run_dir', 'save_config', 'load_run_config', 'find_run',
+           'quiet_stage_output', 'scratch_dir', 'import_jsonschema', 'injected_sections', 'open_run']
 
 # %% ../../nbs/00_config.ipynb #a79fcff1
 def project_root() -> Path:
@@ -110,6 +110,15 @@ def load_layer(path: str | Path) -> Layer:
     if not isinstance(values, dict):
         raise ConfigError(f"{shown}:1: expected a mapping of keys, got {type(values).__name__}")
     return Layer(shown, values, _key_lines(node, source=shown))
+
+# %% ../../nbs/00_config.ipynb #85feffc1
+class CheckFailed(AdapterlabError, AssertionError):
+    "A stage's own check failed: the message names the check, what was measured, what was expected, and what to try."
+
+def check(ok: bool, what: str, measured, expected: str, hint: str = "") -> None:
+    "Raise `CheckFailed` unless `ok`: `what` failed: measured `measured`, expected `expected`; `hint`."
+    if not ok:
+        raise CheckFailed(f"check failed: {what}: measured {measured}, expected {expected}" + (f"; {hint}" if hint else ""))
 
 # %% ../../nbs/00_config.ipynb #85720a17
 def overrides_layer(overrides: list[str] | dict | None, source: str = "override") -> Layer:

@@ -21,10 +21,11 @@ from .formats import Example
 from .metrics import *   # re-exported: `from adapterlab.eval import score` predates the split
 
 # %% auto #0
-__all__ = ['chat_prompt', 'completion_text', 'labelled_nll_sums', 'reference_nll', 'generation_batch_size', 'generation_kwargs',
-           'generate_predictions', 'merged_adapter', 'table_cell', 'report_markdown', 'plot_metrics', 'eval_config',
-           'resolve_eval_run', 'find_artifact', 'latest_run_dir', 'check_metric_inputs', 'load_predictions',
-           'evaluate_run', 'add_cli']
+__all__ = ['FULL_BASE_LOGIT_PROMPTS', 'chat_prompt', 'completion_text', 'labelled_nll_sums', 'reference_nll',
+           'generation_batch_size', 'generation_kwargs', 'generate_predictions', 'merged_adapter', 'table_cell',
+           'report_markdown', 'plot_metrics', 'full_base_config', 'prompt_logits', 'full_base_verdict',
+           'full_base_markdown', 'eval_config', 'resolve_eval_run', 'find_artifact', 'latest_run_dir',
+           'check_metric_inputs', 'load_predictions', 'evaluate_on_full_base', 'evaluate_run', 'add_cli']
 
 # %% ../../nbs/09_eval.ipynb #58433a1b
 def _device(model):
@@ -239,6 +240,49 @@ def plot_metrics(report: dict, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     return path
 
+# %% ../../nbs/09_eval.ipynb #8641cabe
+FULL_BASE_LOGIT_PROMPTS = 4   # eval prompts whose logits are compared on the two bases
+
+def full_base_config(cfg: Config) -> Config:
+    "The run's base in full precision: float32 on a CPU, the run's dtype on a GPU; the adapter and everything else as trained."
+    import dataclasses
+    dtype = "float32" if cfg.hw.device == "cpu" else cfg.hw.dtype
+    return dataclasses.replace(cfg, hw=dataclasses.replace(cfg.hw, quantization="none", dtype=dtype))
+
+def prompt_logits(model, tokenizer, examples: Sequence[Example]) -> list:
+    "The logits (float32, CPU) at every position of each example's prompt, one unpadded tensor per example."
+    import torch
+    out = []
+    with torch.inference_mode():
+        for ex in examples:
+            ids = tokenizer(chat_prompt(tokenizer, split_reference(ex)[0]), return_tensors="pt").to(model.device)
+            out.append(model(**ids).logits[0].float().cpu())
+    return out
+
+def full_base_verdict(results: dict) -> tuple[str, str]:
+    "`(which base to serve on, why)` from `compare(on 4-bit, on full)`: the full base unless a metric gets worse beyond noise."
+    worse = [n for n, m in results.items() if m["significant"] and m["verdict"] == "adapter worse"]
+    better = [n for n, m in results.items() if m["significant"] and m["verdict"] == "adapter better"]
+    if worse:
+        return "4-bit", (f"on the full-precision base the adapter is worse beyond noise on {', '.join(worse)}: serve it on "
+                         f"the 4-bit base it trained on (or merge into the dequantized 4-bit weights)")
+    return "full", ("no metric is worse beyond noise on the full-precision base" + (f" ({', '.join(better)} better)" if better else "")
+                    + ": either base serves it; the full one runs without dequantizing")
+
+def full_base_markdown(full: dict) -> str:
+    "The report's section on the adapter moved to the full-precision base."
+    lines = ["## The adapter on the full-precision base", "",
+             f"Trained on a {full['trained_on']} base; the same adapter on the {full['full_base']} base. "
+             f"Largest |logit difference| over the first {full['logit_prompts']} prompts: **{full['max_logit_gap']:.3g}** "
+             f"(mean {full['mean_logit_gap']:.3g}).", "",
+             "| metric | on the 4-bit base | on the full base | Δ (full − 4-bit) | 95% CI of Δ | verdict |", "|---|---|---|---|---|---|"]
+    for name, m in full["metrics"].items():
+        lo, hi = m["ci95"]
+        verdict = {"adapter better": "full base better", "adapter worse": "full base worse"}.get(m["verdict"], m["verdict"])
+        lines.append(f"| {name} | {_fmt(m['base'])} | {_fmt(m['adapter'])} | {m['delta']:+.4g} | [{lo:+.4g}, {hi:+.4g}] | {verdict} |")
+    lines += ["", f"**Serve on the {full['serve_on']} base**: {full['why']}.", ""]
+    return "\n".join(lines)
+
 # %% ../../nbs/09_eval.ipynb #ed934b4b
 def eval_config(run_dir: str | Path, overrides: list[str] | dict | None = None, injected: dict | None = None) -> Config:
     "The run's configuration, then the `eval` section of `injected` (papermill `-f`), then `overrides` (validated)."
@@ -291,6 +335,33 @@ def load_predictions(path: str | Path) -> list[dict]:
     "Prediction records saved by `evaluate_run` (rescore them with `score` without generating again)."
     return [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
 
+def evaluate_on_full_base(artifact: Path, cfg: Config, examples, on_trained: list[dict], metrics, schema,
+                          trained_logits: list) -> dict:
+    """The adapter of a 4-bit run on the full-precision base: its answers, `compare(on the 4-bit base, on the full
+    base)` with paired intervals, the logit gap on the first prompts (`trained_logits`: the same prompts' logits on the
+    4-bit base), and which base to serve on."""
+    import torch
+    from adapterlab.artifact_load import load_verified_adapter
+    from adapterlab.models import load_base_model
+    if cfg.hw.device == "cuda":
+        torch.cuda.empty_cache()
+    fcfg = full_base_config(cfg)
+    base, tokenizer, _ = load_base_model(fcfg)
+    model = load_verified_adapter(artifact, base.eval(), other_base=True).eval()   # knowingly another base than it trained on
+    gaps = [(a - b).abs() for a, b in zip(trained_logits, prompt_logits(model, tokenizer, examples[:len(trained_logits)]))]
+    with merged_adapter(model):
+        on_full = generate_predictions(model, tokenizer, examples, fcfg, desc="adapter on the full base")
+    results = compare(on_trained, on_full, metrics, cfg.eval.bootstrap_samples, cfg.seed, schema)
+    serve_on, why = full_base_verdict(results)
+    from adapterlab.artifact_load import recorded_numerics
+    q = (recorded_numerics(artifact) or {}).get("quantization") or {}   # as it trained: the compute dtype resolved
+    return {"trained_on": f"{q.get('quant_type')}{'+double quant' if q.get('double_quant') else ''} "
+                          f"({q.get('compute_dtype')} compute)",
+            "full_base": fcfg.hw.dtype, "logit_prompts": len(gaps),
+            "max_logit_gap": float(max(g.max() for g in gaps)) if gaps else float("nan"),
+            "mean_logit_gap": float(sum(g.mean() for g in gaps) / len(gaps)) if gaps else float("nan"),
+            "metrics": results, "serve_on": serve_on, "why": why, "predictions": on_full}
+
 def evaluate_run(run_dir: str | Path, eval_spec: str | None = None, overrides: list[str] | dict | None = None,
                  injected: dict | None = None) -> dict:
     "The eval stage: base vs adapter on the eval set; writes `run_dir/eval/` and the artifact's final metrics."
@@ -323,9 +394,19 @@ def evaluate_run(run_dir: str | Path, eval_spec: str | None = None, overrides: l
     model = load_verified_adapter(artifact, base_model=base_model)   # verifies it again, with the base's weight hashes
     model.eval()
     start = time.time()
+    quantized = cfg.hw.quantization != "none"
     with merged_adapter(model) as merged:   # the last use of the model: one matmul per layer at each token
         adapted = generate_predictions(model, tokenizer, examples, cfg, desc="adapter")
     timings["adapter_seconds"] = round(time.time() - start, 2)
+    full = None
+    if quantized and cfg.eval.full_base:
+        start = time.time()
+        trained_logits = prompt_logits(model, tokenizer, examples[:FULL_BASE_LOGIT_PROMPTS])
+        del model, base_model   # the 4-bit model goes before the full base comes: never both in memory
+        import gc
+        gc.collect()
+        full = evaluate_on_full_base(artifact, cfg, examples, adapted, metrics, schema, trained_logits)
+        timings["full_base_seconds"] = round(time.time() - start, 2)
 
     out_dir = run_dir / "eval"
     out_dir.mkdir(exist_ok=True)
@@ -341,6 +422,7 @@ def evaluate_run(run_dir: str | Path, eval_spec: str | None = None, overrides: l
                        "adapter_merged": merged},
         "truncated": {"base": sum(not r["finished"] for r in base), "adapter": sum(not r["finished"] for r in adapted)},
         "timings": timings, "metrics": results, "metric_selection": {"asked": list(cfg.eval.metrics), **chosen_because},
+        **({"full_base": full} if full is not None else {}),
         "base": {name: m["base"] for name, m in results.items()},
         "adapter": {name: m["adapter"] for name, m in results.items()},
         "examples": [{"source": b["source"], "prompt": b["prompt"][-1]["content"], "reference": b["reference"],
@@ -348,7 +430,11 @@ def evaluate_run(run_dir: str | Path, eval_spec: str | None = None, overrides: l
                      for b, a in list(zip(base, adapted))[:cfg.eval.show_examples]],
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out_dir / "report.md").write_text(report_markdown(report) + "\n", encoding="utf-8")
+    (out_dir / "report.md").write_text(report_markdown(report) + ("\n" + full_base_markdown(full) if full else "") + "\n",
+                                       encoding="utf-8")
+    if full is not None:
+        write_jsonl(out_dir / "predictions_adapter_full_base.jsonl", full.pop("predictions"), allow_nan=True)
+        (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     plot_metrics(report, out_dir / "metrics.png")
     update_artifact_metrics(artifact, {"eval": {
         "eval_set": str(spec), "n_examples": len(examples),

@@ -363,6 +363,16 @@ def check_export(artifact: str | Path, export_dir: str | Path, max_examples: int
     examples = load_eval_examples(cfg.data.eval, max_examples or cfg.eval.max_examples)
     base_model, tokenizer, _ = load_base_model(cfg)
     peft = generate_predictions(load_verified_adapter(folder, base_model), tokenizer, examples, cfg, "peft")
+    # a QLoRA adapter: its merged GGUF holds the dequantized 4-bit base (compared with PEFT on the 4-bit base), while
+    # its adapter GGUF runs on the base GGUF, full precision (compared with PEFT on the full-precision base)
+    peft_on = {"merged": peft, "adapter": peft}
+    if cfg.hw.quantization != "none" and any(f["kind"] == "adapter" for f in info["files"].values()):
+        del base_model
+        fcfg = serving_config(folder, device="cpu", base="full")
+        full, _, _ = load_base_model(fcfg)
+        peft_on["adapter"] = generate_predictions(load_verified_adapter(folder, full, other_base=True), tokenizer,
+                                                  examples, fcfg, "peft on the full base")
+        del full
     out = {"n_examples": len(examples), "eval_set": cfg.data.eval, "files": {}}
     for name, f in info["files"].items():
         if f["kind"] == "adapter":
@@ -371,7 +381,8 @@ def check_export(artifact: str | Path, export_dir: str | Path, max_examples: int
             llm = load_llama(info["base_gguf"]["path"], export_dir / name, n_ctx=_context(cfg))
         else:
             llm = load_llama(export_dir / name, n_ctx=_context(cfg))
-        out["files"][name] = answer_agreement(peft, gguf_predictions(llm, tokenizer, examples, cfg, name))
+        out["files"][name] = answer_agreement(peft_on["adapter" if f["kind"] == "adapter" else "merged"],
+                                              gguf_predictions(llm, tokenizer, examples, cfg, name))
         del llm
     return out
 

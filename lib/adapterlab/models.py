@@ -26,8 +26,8 @@ from .config import AdapterlabError, Config, project_root
 __all__ = ['EMBEDDED', 'END_OF_TURN', 'EmbeddedModel', 'ModelNotFound', 'embedded_path', 'cache_dir', 'sha256_file',
            'convert_gguf', 'ModelSource', 'resolve_model', 'ChatTemplateError', 'named_chat_templates',
            'chat_template_setting', 'own_chat_template', 'stop_token_ids', 'apply_chat_template_setting',
-           'model_source', 'portable_name', 'torch_dtype', 'quantization_config', 'load_tokenizer', 'load_base_model',
-           'model_weight_files']
+           'model_source', 'portable_name', 'torch_dtype', 'quantization_config', 'load_tokenizer', 'prepare_kbit_base',
+           'load_base_model', 'model_weight_files', 'model_numerics', 'cast_adapter']
 
 # %% ../../nbs/02_models.ipynb #ffe4cbf4
 @dataclass(frozen=True)
@@ -298,9 +298,18 @@ def load_tokenizer(source: ModelSource, cfg: Config, require_template: bool = Tr
         tok.pad_token = tok.eos_token
     return tok
 
+def prepare_kbit_base(model):
+    """A 4-bit base as it trains, for every loader alike: PEFT's own `prepare_model_for_kbit_training` (without
+    gradient checkpointing, which only training turns on) freezes it and casts every fp16/bf16 weight that is not
+    4-bit (embeddings, norms, LM head) to float32. Training calls the same function; a loader that skipped it ran those
+    layers in bf16, and a QLoRA adapter reloaded on it was off by a whole logit."""
+    from peft import prepare_model_for_kbit_training
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
 def load_base_model(cfg: Config, source: ModelSource | None = None):
-    """Load the base causal LM and its tokenizer as the profile says; returns `(model, tokenizer, source)`. The model's
-    generation config stops on every end-of-turn token of the template."""
+    """Load the base causal LM and its tokenizer as the profile says; returns `(model, tokenizer, source)`. A 4-bit
+    base comes as it trains (`prepare_kbit_base`). The model's generation config stops on every end-of-turn token of
+    the template."""
     from transformers import AutoModelForCausalLM
     source = source or model_source(cfg)
     tok = load_tokenizer(source, cfg)
@@ -314,7 +323,9 @@ def load_base_model(cfg: Config, source: ModelSource | None = None):
     except OSError as e:
         if source.local: raise
         raise _offline_hint(source, e) from e
-    if q is None and cfg.hw.device == "cuda":
+    if q is not None:
+        model = prepare_kbit_base(model)
+    elif cfg.hw.device == "cuda":
         model = model.to("cuda")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
@@ -328,3 +339,35 @@ def model_weight_files(source: ModelSource) -> list[Path]:
         return []
     return sorted(Path(source.location).glob("*.safetensors"))
 
+
+# %% ../../nbs/02_models.ipynb #40643dae
+def _is_adapter_weight(name: str) -> bool:
+    return any(f".{k}." in f".{name}." or name.endswith(f".{k}") for k in
+               ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"))
+
+def model_numerics(model) -> dict:
+    """What a (PEFT) model computes with: its 4-bit quantization (or None), the dtypes of its unquantized base weights,
+    and of its adapter weights (None without an adapter)."""
+    q = getattr(getattr(model, "config", None), "quantization_config", None)
+    q = q.to_dict() if hasattr(q, "to_dict") else q
+    base, adapter = {}, {}
+    for name, p in model.named_parameters():
+        if p.__class__.__name__ in ("Params4bit", "Int8Params") or not p.is_floating_point():
+            continue
+        into = adapter if _is_adapter_weight(name) else base
+        into[str(p.dtype).removeprefix("torch.")] = into.get(str(p.dtype).removeprefix("torch."), 0) + p.numel()
+    quant = None if not q or not q.get("load_in_4bit") else {
+        "quant_type": q.get("bnb_4bit_quant_type"), "double_quant": q.get("bnb_4bit_use_double_quant"),
+        "compute_dtype": str(q.get("bnb_4bit_compute_dtype")).removeprefix("torch.")}
+    return {"quantization": quant, "base_dtypes": dict(sorted(base.items())),
+            "adapter_dtype": max(adapter, key=adapter.get) if adapter else None}
+
+def cast_adapter(model, dtype: str | None) -> int:
+    "Put every adapter weight of `model` in `dtype` (a name; None: leave them); returns how many tensors changed dtype."
+    if dtype is None:
+        return 0
+    target, changed = torch_dtype(dtype), 0
+    for name, p in model.named_parameters():
+        if _is_adapter_weight(name) and p.dtype != target:
+            p.data, changed = p.data.to(target), changed + 1
+    return changed

@@ -25,10 +25,10 @@ from .config import (AdapterlabError, Config, check_hardware, find_run, load_run
 from .run_report import _json, _now, read_status, report_markdown, run_state, write_report, write_status
 
 # %% auto #0
-__all__ = ['STAGES', 'DRY_RUN_STAGES', 'OPTIONAL_STAGES', 'KERNEL_RESET_TIMEOUT_S', 'NOTEBOOK_DRIVER', 'StageFailed',
-           'RunInterrupted', 'stage_notebook', 'environment_lock', 'write_provenance', 'ipc_kernel_manager',
-           'error_location', 'run_stage', 'StageKernel', 'run_pipeline', 'stage_run_dir', 'finish_stage', 'list_runs',
-           'format_runs', 'add_cli']
+__all__ = ['STAGES', 'DRY_RUN_STAGES', 'OPTIONAL_STAGES', 'KERNEL_RESET_TIMEOUT_S', 'NOTEBOOK_DRIVER', 'HOLD_ENV', 'HOLD_MAX_S',
+           'StageFailed', 'RunInterrupted', 'stage_notebook', 'environment_lock', 'write_provenance',
+           'ipc_kernel_manager', 'error_location', 'run_stage', 'StageKernel', 'run_pipeline', 'hold_point',
+           'stage_run_dir', 'finish_stage', 'list_runs', 'format_runs', 'add_cli']
 
 # %% ../../nbs/11_pipeline.ipynb #b5c94c85
 STAGES = ("data", "compat", "train", "regressions", "eval")
@@ -414,6 +414,21 @@ def run_pipeline(experiment: str = "json_contacts", hw: str = "cpu", overrides: 
 # %% ../../nbs/11_pipeline.ipynb #aa2bf4fd
 NOTEBOOK_DRIVER = "notebooks"   # `status["driver"]` of a run whose stages ran as notebooks one by one (`adapterlab run`: "pipeline")
 _CLAIMS: dict = {}               # in this process (a stage's kernel): run folder -> (stage, its lock, start time)
+HOLD_ENV = "ADAPTERLAB_HOLD_AT"  # "STAGE:FILE": a barrier inside that stage's kernel (`hold_point`)
+HOLD_MAX_S = 600                 # a forgotten barrier lets the stage go on after this long
+
+def hold_point(stage: str) -> None:
+    """A barrier at a known moment: where the environment has `ADAPTERLAB_HOLD_AT=STAGE:FILE` and this is STAGE, write
+    FILE (this kernel's pid) once the stage is claimed and wait until interrupted (or `HOLD_MAX_S`). A test that stops
+    a run "during a stage" waits for FILE and then signals: the moment no longer depends on how fast the machine runs
+    the stages before it (a 2-second stage used to finish before a test's fixed sleep ended)."""
+    held, _, path = os.environ.get(HOLD_ENV, "").partition(":")
+    if held != stage or not path:
+        return
+    Path(path).write_text(str(os.getpid()))
+    deadline = time.time() + HOLD_MAX_S
+    while time.time() < deadline:
+        time.sleep(0.05)
 
 def _is_heads(experiment) -> bool:
     from adapterlab.config import find_params_file, load_layer
@@ -503,6 +518,7 @@ def stage_run_dir(stage: str, experiment: str | Path = "json_contacts", hw: str 
         status = read_status(run_dir)
         if status.get("driver") == NOTEBOOK_DRIVER and stage in STAGES:
             _claim(run_dir, stage, tracking.lock_run(run_dir, status.get("owner")))
+        hold_point(stage)
         return run_dir
     if stage not in STAGES or _is_heads(experiment):
         return None
@@ -524,6 +540,7 @@ def stage_run_dir(stage: str, experiment: str | Path = "json_contacts", hw: str 
         run_dir, lock = found
         print(f"continuing run {run_dir.name}")
     _claim(run_dir, stage, lock)
+    hold_point(stage)
     return run_dir
 
 def finish_stage(run_dir: str | Path) -> str | None:

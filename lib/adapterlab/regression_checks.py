@@ -204,11 +204,21 @@ def guarded_000(inputs: CheckInputs) -> str:
     from adapterlab import compat
     model, tok, lm_cfg = inputs.causal_lm()
     limit = lm_cfg.hw.max_seq_length
-    with tempfile.TemporaryDirectory() as out:
-        settings = {"max_seq_length": limit, "dataset_text_field": "text", "output_dir": out,
-                    "use_cpu": lm_cfg.hw.device == "cpu", "bf16": False, "report_to": []}
-        trainer = compat.build_sft_trainer(model, tok, _lm_dataset(inputs), settings=settings)
-        renamed = [f"{s.given} → {s.where}.{s.name}" for s in compat.place_settings(settings).steps if s.given != s.name]
+    # adapterlab's path trains a 4-bit base only with LoRA attached (transformers refuses a bare quantized model); the
+    # adapter comes off again afterwards, so the cached base stays the plain base for the checks after this one
+    quantized = getattr(model, "is_loaded_in_4bit", False)
+    if quantized:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=lm_cfg.lora.r, target_modules=lm_cfg.lora.target_modules))
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            settings = {"max_seq_length": limit, "dataset_text_field": "text", "output_dir": out,
+                        "use_cpu": lm_cfg.hw.device == "cpu", "bf16": False, "report_to": []}
+            trainer = compat.build_sft_trainer(model, tok, _lm_dataset(inputs), settings=settings)
+            renamed = [f"{s.given} → {s.where}.{s.name}" for s in compat.place_settings(settings).steps if s.given != s.name]
+    finally:
+        if quantized:
+            model.unload()
     assert trainer.args.max_length == limit, f"max_seq_length lost: SFTConfig.max_length={trainer.args.max_length}"
     assert trainer.args.dataset_text_field == "text", "dataset_text_field lost"
     assert trainer.processing_class is tok, "the tokenizer did not reach the trainer"

@@ -169,8 +169,11 @@ def headline_markdown(run_dir: Path, state: str, status: dict) -> str:
     verdict = ("; ".join(f"{v} on {', '.join(names)}" for v, names in counts.items() if names) or "no metrics")
     rows = [[name, m["base"], m["adapter"], f"{m['delta']:+.4g}", f"[{m['ci95'][0]:+.4g}, {m['ci95'][1]:+.4g}]", m["verdict"]]
             for name, m in metrics.items()]
+    full = ev.get("full_base")   # a QLoRA run: which base to serve the adapter on, and why
+    serve = ([f"**Serve on the {full['serve_on']} base** (trained on {full['trained_on']}): {full['why']}; the adapter's "
+              f"logits move by up to {full['max_logit_gap']:.3g} on the full-precision base.", ""] if full else [])
     return "\n".join([f"**Verdict: {verdict}** ({ev['n_examples']} eval examples, paired bootstrap 95% intervals of "
-                      f"adapter − base). Run status: **{state}**.", "",
+                      f"adapter − base). Run status: **{state}**.", "", *serve,
                       markdown_table(["metric", "base", "adapter", "change", "95% interval of the change", "verdict"], rows)])
 
 _EMOJI_WORDS = (("✅ ", ""), ("❌ ", ""), ("⚠️ ", ""), ("⚠ ", ""), ("✅", "yes"), ("❌", "no"))

@@ -110,6 +110,8 @@ class EvalConfig:
     temperature: float = spec("sampling temperature (used only when do_sample)", gt=0)
     llama_cpp: bool = spec("also answer with the adapter in llama.cpp (base GGUF + adapter GGUF) and score it as a third "
                            "column; needs the gguf extra and a GGUF base model")
+    full_base: bool = spec("a 4-bit (QLoRA) run: also answer with the adapter on the full-precision base (the deployment "
+                           "question), with the metric differences, their intervals and the logit gap")
 
 @dataclass
 class QueueConfig:

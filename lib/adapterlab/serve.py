@@ -26,10 +26,11 @@ from .config import (AdapterlabError, Config, build_dataclass, load_layer, merge
 from .models import ModelSource, load_base_model, sha256_file, torch_dtype
 
 # %% auto #0
-__all__ = ['CHECK_TEXTS', 'VLLM_DEFAULT_MAX_LORA_RANK', 'artifact_config', 'inference_config', 'serving_config',
-           'merge_provenance', 'merged_model_card', 'merge_artifact', 'max_logits_gap', 'merge_check', 'chat_messages',
-           'Reply', 'decoding_kwargs', 'complete', 'generate_reply', 'StreamedReply', 'artifact_name',
-           'refuse_unverified', 'AdapterSet', 'generate', 'newest_artifact', 'vllm_lora_problems', 'add_cli']
+__all__ = ['BASES', 'CHECK_TEXTS', 'VLLM_DEFAULT_MAX_LORA_RANK', 'artifact_config', 'base_precision_option', 'inference_config',
+           'serving_config', 'merge_provenance', 'merged_model_card', 'dequantized_base', 'merge_artifact',
+           'max_logits_gap', 'merge_check', 'chat_messages', 'Reply', 'decoding_kwargs', 'complete', 'generate_reply',
+           'StreamedReply', 'artifact_name', 'refuse_unverified', 'AdapterSet', 'generate', 'newest_artifact',
+           'vllm_lora_problems', 'add_cli']
 
 # %% ../../nbs/12_serve.ipynb #f30fa6c0
 def artifact_config(artifact: str | Path) -> Config:
@@ -41,21 +42,34 @@ def artifact_config(artifact: str | Path) -> Config:
     merged, origin = merge_layers([load_layer(params_dir() / "defaults.yaml"), load_layer(path)])
     return build_dataclass(Config, merged, origin)
 
+BASES = ("trained", "full")   # the base an adapter is put on: as it trained (4-bit for QLoRA), or full precision
+
+def base_precision_option(parser, help: str = "the base the adapters go on: as they trained (a QLoRA adapter: its "
+                                              "4-bit base) or full precision (a QLoRA adapter's outputs then move)") -> None:
+    "The one `--base-precision trained|full` option of every command that loads an adapter onto a base."
+    parser.add_argument("--base-precision", choices=BASES, default="trained", help=help)
+
 def inference_config(cfg: Config, *, device: str | None = None, quantization: str | None = None,
-                     dtype: str | None = None) -> Config:
-    "`cfg` with the base placed for inference: as configured where this machine can, else fp32 on the CPU."
+                     dtype: str | None = None, base: str = "trained") -> Config:
+    """`cfg` with the base placed for inference. `base="trained"`: a 4-bit base stays 4-bit in the format it trained in
+    (bitsandbytes runs it on the CPU too), so a QLoRA adapter computes what it learnt; an unquantized base in fp32 on
+    a CPU (half precision is a GPU format; the fp32 copy of a bf16 weight is exact). `base="full"`: the same base in full
+    precision, the deployment question for a QLoRA adapter (its outputs move: `adapterlab eval` measures how far)."""
     import torch
+    if base not in BASES:
+        raise ValueError(f"base: {base!r}: expected one of {', '.join(BASES)}")
     hw = cfg.hw
     device = device or (hw.device if hw.device != "cuda" or torch.cuda.is_available() else "cpu")
-    if device == "cpu":  # bitsandbytes 4-bit and half precision are GPU formats; on a CPU full precision is the fast one
-        quantization, dtype = quantization or "none", dtype or "float32"
-    return dataclasses.replace(cfg, hw=dataclasses.replace(hw, device=device, quantization=quantization or hw.quantization,
+    quantization = quantization or ("none" if base == "full" else hw.quantization)
+    if device == "cpu" and quantization == "none":
+        dtype = dtype or "float32"
+    return dataclasses.replace(cfg, hw=dataclasses.replace(hw, device=device, quantization=quantization,
                                                            dtype=dtype or hw.dtype))
 
 def serving_config(artifact: str | Path, *, device: str | None = None, quantization: str | None = None,
-                   dtype: str | None = None) -> Config:
+                   dtype: str | None = None, base: str = "trained") -> Config:
     "The artifact's config with the base placed for inference (`inference_config`)."
-    return inference_config(artifact_config(artifact), device=device, quantization=quantization, dtype=dtype)
+    return inference_config(artifact_config(artifact), device=device, quantization=quantization, dtype=dtype, base=base)
 
 
 # %% ../../nbs/12_serve.ipynb #048c6cf9
@@ -100,24 +114,37 @@ or serve it: `vllm serve PATH/TO/this-folder`.
 - `merge_info.json` has the full record; `checksums.json` the sha256 of every file here.
 """
 
+def dequantized_base(model, dtype: str):
+    """A 4-bit base as plain `dtype` weights holding exactly the values its 4-bit weights stand for (transformers'
+    `dequantize`): what a QLoRA adapter trained against, so merging into it keeps what the adapter learnt."""
+    import torch
+    model = model.dequantize() or model
+    return model.to(torch_dtype(dtype))
+
 def merge_artifact(artifact: str | Path, out: str | Path | None = None, *, dtype: str = "float32",
-                   overwrite: bool = False) -> Path:
-    "Merge a verified adapter into a `dtype` copy of its base; save a transformers model folder (default `ARTIFACT-merged`)."
+                   overwrite: bool = False, base: str = "trained") -> Path:
+    """Merge a verified adapter into a `dtype` copy of its base; save a transformers model folder (default
+    `ARTIFACT-merged`). A QLoRA adapter merges into its dequantized 4-bit base (`base="trained"`, what it trained
+    against), or into the full-precision base (`base="full"`); `merge_check` says how far each is."""
     folder = Path(artifact)
     out = Path(out) if out else folder.with_name(folder.name + "-merged")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: exists; choose another --out or pass --overwrite")
     if problems := verify_artifact(folder):  # fail before loading a model; loading verifies again, with the base
         raise ArtifactError(f"{folder}: refusing to merge an artifact that fails verification:\n  " + "\n  ".join(problems))
-    cfg = serving_config(folder, device="cpu", quantization="none", dtype=dtype)
-    base, tokenizer, source = load_base_model(cfg)
-    merged = load_verified_adapter(folder, base).merge_and_unload(safe_merge=True)
+    cfg = serving_config(folder, device="cpu", dtype=dtype, base=base)
+    base_model, tokenizer, source = load_base_model(cfg)
+    quantized = cfg.hw.quantization != "none"
+    if quantized:   # merging into 4-bit weights would round the update away: into their dequantized values instead
+        base_model = dequantized_base(base_model, dtype)
+    merged = load_verified_adapter(folder, base_model, other_base=quantized or base == "full").merge_and_unload(safe_merge=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        info = merge_provenance(folder, source, dtype)
+        info = {**merge_provenance(folder, source, dtype),
+                "merged_into": f"the dequantized {cfg.hw.quantization} base" if quantized else f"the {dtype} base"}
         (tmp / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n")
         (tmp / "README.md").write_text(merged_model_card(info, cfg))
         write_checksums(tmp)
@@ -143,18 +170,26 @@ def max_logits_gap(model_a, model_b, tokenizer, texts: Sequence[str] = CHECK_TEX
     return float((a - b).abs()[mask].max())
 
 def merge_check(artifact: str | Path, merged: str | Path, texts: Sequence[str] = CHECK_TEXTS) -> dict:
-    "Logit gap merged vs base+adapter, and (for scale) base vs base+adapter."
+    """Logit gap merged vs base+adapter, and (for scale) base vs base+adapter. For a QLoRA adapter also the gap to
+    base-4bit + adapter (what trained: `merged_vs_trained_base`) and to full base + adapter (`merged_vs_full_base`)."""
     from transformers import AutoModelForCausalLM
     merged = Path(merged)
     info = json.loads((merged / "merge_info.json").read_text())
-    cfg = serving_config(artifact, device="cpu", quantization="none", dtype=info["dtype"])
-    base, tokenizer, _ = load_base_model(cfg)
-    adapted = load_verified_adapter(artifact, base)
     plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch_dtype(info["dtype"]))
-    gap = max_logits_gap(plain, adapted, tokenizer, texts)
-    with adapted.disable_adapter():
-        effect = max_logits_gap(adapted, plain, tokenizer, texts)
-    return {"merged_vs_adapter": gap, "adapter_effect": effect}
+    out = {}
+    trained = serving_config(artifact, device="cpu", dtype=info["dtype"])
+    bases = ("trained", "full") if trained.hw.quantization != "none" else ("full",)
+    for which in bases:
+        cfg = serving_config(artifact, device="cpu", dtype=info["dtype"], base=which)
+        base, tokenizer, _ = load_base_model(cfg)
+        adapted = load_verified_adapter(artifact, base, other_base=which != "trained" and len(bases) > 1)
+        out[f"merged_vs_{which}_base"] = max_logits_gap(plain, adapted, tokenizer, texts)
+        if which == bases[0]:
+            with adapted.disable_adapter():
+                out["adapter_effect"] = max_logits_gap(adapted, plain, tokenizer, texts)
+        del base, adapted
+    out["merged_vs_adapter"] = out[f"merged_vs_{bases[0]}_base"]   # the adapter on the base it merged into
+    return out
 
 # %% ../../nbs/12_serve.ipynb #35a8380c
 def chat_messages(prompt: str | list[dict], system: str | None = None) -> list[dict]:
@@ -299,23 +334,24 @@ def refuse_unverified(folder: Path, base_location: str | Path | None = None) -> 
 class AdapterSet:
     "One base model in memory with several verified adapters, switched by name; one generation at a time (`lock`)."
 
-    def __init__(self, cfg: Config, base_model, tokenizer, source: ModelSource):
-        self.cfg, self.model, self.tokenizer, self.source = cfg, base_model, tokenizer, source
+    def __init__(self, cfg: Config, base_model, tokenizer, source: ModelSource, base: str = "trained"):
+        self.cfg, self.model, self.tokenizer, self.source, self.base_precision = cfg, base_model, tokenizer, source, base
         self.artifacts: dict[str, Path] = {}
         self.lock = threading.RLock()  # the active adapter is model state: whoever generates or switches holds it
         self._base = None
 
     @classmethod
-    def open(cls, artifacts, *, device: str | None = None) -> "AdapterSet":
-        "Load the base of the first artifact once, then every artifact (`{name: path}`, paths, or `NAME=PATH` strings)."
+    def open(cls, artifacts, *, device: str | None = None, base: str = "trained") -> "AdapterSet":
+        """Load the base of the first artifact once, then every artifact (`{name: path}`, paths, or `NAME=PATH`
+        strings). `base`: as the first artifact trained (a QLoRA adapter's 4-bit base), or `full` precision."""
         items = _named(artifacts)
         if not items:
             raise ValueError("AdapterSet.open: no artifact given")
         for _, path in items:  # every artifact checked before the base is loaded: a bad one fails in a second
             refuse_unverified(path)
-        cfg = serving_config(items[0][1], device=device)
-        base, tokenizer, source = load_base_model(cfg)
-        adapters = cls(cfg, base, tokenizer, source)
+        cfg = serving_config(items[0][1], device=device, base=base)
+        base_model, tokenizer, source = load_base_model(cfg)
+        adapters = cls(cfg, base_model, tokenizer, source, base)
         for name, path in items:
             adapters.add(name, path)
         adapters.use(items[0][0])
@@ -346,7 +382,7 @@ class AdapterSet:
                 first = next(iter(self.artifacts.values()))
                 raise ArtifactError(f"{folder}: trained on a different base model than {first} (weight file hashes "
                                     f"differ); adapters can only share a base they were trained on")
-            self.model = load_verified_adapter(folder, self.model, adapter_name=name)
+            self.model = load_verified_adapter(folder, self.model, adapter_name=name, other_base=self.base_precision == "full")
             self.model.eval()
             self._base = identity
             self.artifacts[name] = folder
@@ -446,7 +482,7 @@ def vllm_lora_problems(artifact: str | Path, *, max_lora_rank: int = VLLM_DEFAUL
 def _cmd_merge(args) -> int:
     import sys
     try:
-        out = merge_artifact(args.artifact, args.out, dtype=args.dtype, overwrite=args.overwrite)
+        out = merge_artifact(args.artifact, args.out, dtype=args.dtype, overwrite=args.overwrite, base=args.base_precision)
     except FileExistsError as e:
         print(f"adapterlab merge: {e}", file=sys.stderr)
         return 2
@@ -456,11 +492,14 @@ def _cmd_merge(args) -> int:
         ok = check["merged_vs_adapter"] < args.tolerance
         print(f"max |logit difference| merged vs base+adapter: {check['merged_vs_adapter']:.2e} "
               f"(adapter's own effect {check['adapter_effect']:.2e}): {'ok' if ok else 'TOO LARGE'}")
+        if "merged_vs_trained_base" in check:   # a QLoRA adapter: how far the merged model is from each base
+            print(f"  vs the 4-bit base it trained on + adapter: {check['merged_vs_trained_base']:.2e}; "
+                  f"vs the full-precision base + adapter: {check['merged_vs_full_base']:.2e}")
         return 0 if ok else 1
     return 0
 
 def _cmd_generate(args) -> int:
-    adapters = AdapterSet.open(args.artifacts, device=args.device)
+    adapters = AdapterSet.open(args.artifacts, device=args.device, base=args.base_precision)
     kw = dict(system=args.system, max_new_tokens=args.max_new_tokens)
     if args.base:
         print(adapters.generate_base(args.prompt, **kw))
@@ -477,6 +516,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--check", action="store_true", help="compare the merged model's logits with base + adapter")
     p.add_argument("--tolerance", type=float, default=1e-3, help="largest logit difference --check accepts")
+    base_precision_option(p, "merge into: the base as the adapter trained (a QLoRA adapter: its dequantized 4-bit "
+                             "weights) or the full-precision base")
     p.set_defaults(func=_cmd_merge)
     g = subparsers.add_parser("generate", help="load base + verified adapter(s) and answer a prompt")
     g.add_argument("artifacts", nargs="+", metavar="[NAME=]ARTIFACT", help="one or more artifacts sharing a base")
@@ -486,4 +527,5 @@ def add_cli(subparsers) -> None:
     g.add_argument("--system", default=None, help="system message (default: the training config's data.system_prompt)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="default: the training config's eval.max_new_tokens")
     g.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: as trained, if available here")
+    base_precision_option(g)
     g.set_defaults(func=_cmd_generate)

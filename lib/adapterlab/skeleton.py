@@ -21,9 +21,10 @@ from .plan import gib
 from .report import markdown_table, write_json
 
 # %% auto #0
-__all__ = ['TRAINABLE_KEYS', 'seed_everything', 'prepare_training', 'distributed_state', 'metrics_callback', 'read_metrics',
-           'summarize_training', 'latest_checkpoint', 'plot_loss', 'close_figure', 'record_memory', 'memory_table',
-           'TrainingSkeleton', 'verification_rows', 'checks_table', 'verification_table']
+__all__ = ['PROGRESS_FILE', 'PROGRESS_EVERY_S', 'TRAINABLE_KEYS', 'seed_everything', 'prepare_training', 'distributed_state',
+           'metrics_callback', 'read_metrics', 'summarize_training', 'latest_checkpoint', 'plot_loss', 'close_figure',
+           'record_memory', 'memory_table', 'TrainingSkeleton', 'verification_rows', 'checks_table',
+           'verification_table']
 
 # %% ../../nbs/20_skeleton.ipynb #8d958cd4
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -45,19 +46,54 @@ def distributed_state(cfg: Config | None = None):
     return PartialState(cpu=cfg is not None and cfg.hw.device == "cpu")
 
 # %% ../../nbs/20_skeleton.ipynb #e5225f52
+PROGRESS_FILE = "progress.json"   # beside metrics.jsonl: where the trainer is between two logged steps
+PROGRESS_EVERY_S = 1.0            # rewritten at most this often
+
 def metrics_callback(path: Path):
-    "A `TrainerCallback` appending each log to a JSONL file (main process only)."
+    """A `TrainerCallback` appending each log to a JSONL file (main process only), and keeping `progress.json` beside
+    it current between logged steps: the micro-batch within a gradient accumulation and the batch of a validation
+    pass, so a live line moves while a step of 16 micro-batches, or a long validation pass, is under way."""
     from transformers import TrainerCallback
+    progress = Path(path).with_name(PROGRESS_FILE)
 
     class MetricsHistory(TrainerCallback):
         def __init__(self):
-            self.start = time.time()
+            self.start, self.micro, self.batch, self.written = time.time(), 0, 0, 0.0
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or not state.is_world_process_zero:
                 return
             row = {"step": state.global_step, "epoch": state.epoch, "time_s": round(time.time() - self.start, 3), **logs}
             with open(path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+
+        def _progress(self, state, force: bool = False, **where) -> None:
+            now = time.time()
+            if not state.is_world_process_zero or (not force and now - self.written < PROGRESS_EVERY_S):
+                return
+            self.written = now
+            tmp = progress.with_name(progress.name + ".tmp")
+            tmp.write_text(json.dumps({"step": state.global_step, "max_steps": state.max_steps,
+                                       "time_s": round(now - self.start, 3), **where}))
+            tmp.replace(progress)
+
+        def on_substep_end(self, args, state, control, **kwargs):   # a micro-batch of an accumulating step
+            self.micro += 1
+            self._progress(state, phase="train", micro=self.micro, micro_total=args.gradient_accumulation_steps)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.micro = 0
+            self._progress(state, force=True, phase="train", micro=args.gradient_accumulation_steps,
+                           micro_total=args.gradient_accumulation_steps)
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            self.batch += 1
+            total = len(eval_dataloader) if eval_dataloader is not None and hasattr(eval_dataloader, "__len__") else None
+            self._progress(state, phase="validation", batch=self.batch, batch_total=total)
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            self.batch = 0
+            self._progress(state, force=True, phase="train", micro=0, micro_total=args.gradient_accumulation_steps)
 
     return MetricsHistory()
 

@@ -290,7 +290,7 @@ class StageProgress:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "a", encoding="utf-8")
         self._partial, self._offset, self._bars, self._printed = "", 0, {}, {}
-        self._first = None
+        self._first, self._last_progress, self._micro_printed = None, None, 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, daemon=True) if stage in ("train", "preference") else None
@@ -315,7 +315,28 @@ class StageProgress:
     def _follow(self) -> None:
         while not self._stop.wait(self.poll_s):
             self._read_metrics()
+            self._read_progress()
         self._read_metrics()
+
+    def _read_progress(self) -> None:
+        "Between logged steps: the micro-batch of an accumulating step, or the batch of a validation pass (`progress.json`)."
+        try:
+            p = json.loads(self.metrics.with_name("progress.json").read_text())
+        except (OSError, ValueError):
+            return
+        if p == self._last_progress:
+            return
+        self._last_progress = p
+        now = time.time()
+        if not self.tty and now - self._micro_printed < self.cfg.tracking.heartbeat_s:
+            return   # off a terminal: a between-steps line at most once per heartbeat
+        self._micro_printed = now
+        if p.get("phase") == "validation" and p.get("batch_total"):
+            self._update("validation", p["batch"], p["batch_total"])
+        elif p.get("phase") == "train" and (p.get("micro_total") or 1) > 1 and 0 < p.get("micro", 0) < p["micro_total"]:
+            total = train_total_steps(self.cfg, {"step": p["step"]}, self.stage) or p.get("max_steps") or p["step"] + 1
+            self._update(self.stage, p["step"], total, None, f"micro-batch {p['micro']}/{p['micro_total']} of step "
+                         f"{p['step'] + 1}", force=True)
 
     def _read_metrics(self) -> None:
         if not self.metrics.exists():
@@ -348,7 +369,8 @@ class StageProgress:
         self._update(self.stage, row["step"], total, eta, f"loss {row['loss']:.4g}{rate}")
 
     # -- display --
-    def _update(self, desc: str, n: int, total: int, eta: float | str | None = None, info: str = "") -> None:
+    def _update(self, desc: str, n: int, total: int, eta: float | str | None = None, info: str = "",
+                force: bool = False) -> None:
         with self._lock:
             if self.tty:
                 from tqdm import tqdm
@@ -365,7 +387,7 @@ class StageProgress:
                 return
             every = max(1, total // self.cfg.tracking.progress_lines)
             last = self._printed.get(desc)
-            if last is not None and n - last < every and n != total or last == n:
+            if not force and (last is not None and n - last < every and n != total or last == n):
                 return
             self._printed[desc] = n
             line = (f"  {desc}: {n}/{total}" + (f"  {info}" if info else "")

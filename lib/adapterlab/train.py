@@ -15,7 +15,7 @@ from pathlib import Path
 from .compat import build_sft_trainer, sft_settings
 from .config import Config, ConfigError
 from .data import PreparedData, load_prepared, prepare_data, weighted_sampler
-from .models import ModelSource, load_base_model
+from .models import ModelSource, cast_adapter, load_base_model
 from .plan import gib
 from .precision import with_resolved_dtypes
 from .skeleton import (TrainingSkeleton, latest_checkpoint, memory_table, metrics_callback, plot_loss,
@@ -23,10 +23,10 @@ from .skeleton import (TrainingSkeleton, latest_checkpoint, memory_table, metric
                                  verification_table, write_json)
 
 # %% auto #0
-__all__ = ['lora_config', 'attach_lora', 'weighted_trainer_class', 'plain_lm_head', 'completion_loss',
+__all__ = ['RELOAD_TOLERANCE', 'lora_config', 'attach_lora', 'weighted_trainer_class', 'plain_lm_head', 'completion_loss',
            'completion_logits_trainer_class', 'trainer_class', 'rewind_metrics', 'TrainResult', 'SFTSetup',
-           'setup_training', 'train_stage', 'run_training', 'plan_training', 'dry_run_training', 'reload_logits_gap',
-           'add_cli']
+           'setup_training', 'train_stage', 'run_training', 'plan_training', 'dry_run_training', 'reload_tolerance',
+           'reload_logits_gap', 'reload_check', 'add_cli']
 
 # %% ../../nbs/05_train.ipynb #274a9e7e
 def lora_config(cfg: Config):
@@ -181,6 +181,8 @@ def setup_training(cfg: Config, run_dir: str | Path, plan=False, record: bool = 
     trainer = build_sft_trainer(model, tokenizer, data.train, sft_settings(cfg, run_dir), eval_dataset=data.val,
                                 callbacks=[metrics_callback(run_dir / "metrics.jsonl")],
                                 trainer_cls=trainer_class(cfg, data.train))
+    if cfg.hw.quantization != "none":   # TRL casts a 4-bit run's adapter to bf16; it trains in the 4-bit compute dtype
+        cast_adapter(model, cfg.hw.compute_dtype)
     return SFTSetup(cfg, plan, model, tokenizer, source, data, skeleton, trainer)
 
 def train_stage(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
@@ -253,16 +255,34 @@ def dry_run_training(cfg: Config, run_dir: str | Path) -> dict:
     return report
 
 # %% ../../nbs/05_train.ipynb #22b4a330
-def reload_logits_gap(result: TrainResult, texts: list[str] | None = None) -> float:
-    "Max |logit difference| between the in-memory trained model and base + adapter reloaded from the artifact."
-    import torch
-    from adapterlab.artifact_load import load_verified_adapter
+# The largest |logit difference| a faithful reload may show, by the dtype the base's matmuls run in. A faithful reload
+# computes the same operations on the same weights in the same dtypes: on the CPU it is bit-identical (measured 0.0,
+# fp32 and NF4 with bf16 or fp32 compute). What remains allowed is a different accumulation order between two calls
+# (GPU kernels may choose one): in fp32 a few hundred ulps of a logit of ~30 (ulp 3.8e-6); with bf16/fp16 matmuls
+# (8 or 11 significant bits) the logits stay fp32 (the residual stream and LM head of a 4-bit base are cast to fp32),
+# and one reordered bf16 accumulation moves them by ~1e-4. The two reload bugs this check has caught measured 1.01
+# (the unquantized weights left in bf16) and 1.1e-3 (the adapter reloaded in fp32 instead of bf16): both fail it.
+RELOAD_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-4, "float16": 5e-4}
+
+def reload_tolerance(cfg: Config) -> tuple[float, str]:
+    "`(tolerance, the dtype it is for)`: the base's matmul dtype (4-bit: the compute dtype; else the weights' dtype)."
+    dtype = cfg.hw.compute_dtype if cfg.hw.quantization != "none" else cfg.hw.dtype
+    return RELOAD_TOLERANCE[dtype], (f"{cfg.hw.quantization} base, {dtype} compute" if cfg.hw.quantization != "none"
+                                     else f"{dtype} base")
+
+def _artifact_cfg(result: TrainResult) -> Config:
     from adapterlab.config import config_from_dict
     import yaml
+    return config_from_dict(yaml.safe_load((Path(result.summary["artifact"]) / "training_config.yaml").read_text()))
+
+def reload_logits_gap(result: TrainResult, texts: list[str] | None = None, base=None, other_base: bool = False) -> float:
+    """Max |logit difference| between the in-memory trained model and base + adapter reloaded from the artifact: on
+    the base as it trained (loaded from the artifact's config), or on `base` (`other_base`: knowingly another one)."""
+    import torch
+    from adapterlab.artifact_load import load_verified_adapter
     art = Path(result.summary["artifact"])
-    cfg = config_from_dict(yaml.safe_load((art / "training_config.yaml").read_text()))
-    base, _, _ = load_base_model(cfg)
-    reloaded = load_verified_adapter(art, base).eval()
+    base = base if base is not None else load_base_model(_artifact_cfg(result))[0]
+    reloaded = load_verified_adapter(art, base, other_base=other_base).eval()
     texts = texts or ["Return a JSON object for: Ana Ruiz, 30, a chef in Quito."]
     batch = result.tokenizer(texts, return_tensors="pt", padding=True)
     result.model.eval()
@@ -270,6 +290,13 @@ def reload_logits_gap(result: TrainResult, texts: list[str] | None = None) -> fl
         a = result.model(**batch).logits
         b = reloaded(**batch).logits
     return float((a - b).abs().max())
+
+def reload_check(result: TrainResult) -> dict:
+    "The train stage's reload check: `{gap, tolerance, numerics, passed}` for the artifact on the base as it trained."
+    cfg = _artifact_cfg(result)
+    gap = reload_logits_gap(result)
+    tolerance, numerics = reload_tolerance(cfg)
+    return {"gap": gap, "tolerance": tolerance, "numerics": numerics, "passed": gap <= tolerance}
 
 # %% ../../nbs/05_train.ipynb #2ff64961
 def _cmd_train(args) -> int:
