@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test sync-check readme-check pytest nbtest pipeline-ci compat-newest pipeline-oldest docs clean-outputs
+.PHONY: install run test sync-check readme-check pytest pytest-fast nbtest pipeline-ci compat-newest pipeline-oldest docs clean-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -63,6 +63,10 @@ readme-check: install
 # --durations: the slowest tests, so CI's log says where its time goes (tests assert behaviour, never time)
 pytest: install
 	$(BIN)/pytest -q -ra --durations=25
+
+# While working: only the tests not marked slow (no model trained, no pipeline run): a few minutes. `make test` stays the proof.
+pytest-fast: install
+	$(BIN)/pytest -q -ra -m "not slow" --durations=10
 
 # Module notebooks (numbered) run as tests (before pytest, whose docs test builds the API pages from them), under nbdev-test's rules, and their outputs are kept in _proc/executed/ for
 # the API pages of the docs site (one execution, not two); stage notebooks run in the pipeline below.

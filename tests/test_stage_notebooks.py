@@ -115,3 +115,28 @@ def test_a_cell_that_raises_ends_the_stage_failed_and_frees_the_run(tmp_path):
     from adapterlab.pipeline import finish_stage, stage_run_dir
     assert stage_run_dir("data", "ci", "cpu", [f"output.root={tmp_path}"]) == run   # the failed stage is taken again
     assert finish_stage(run) == "incomplete"
+
+
+def test_no_stage_notebook_checks_with_a_bare_assert():
+    """A failed check in a stage names the check, what it measured, what it expected and what to try
+    (`adapterlab.config.check`); a bare `assert` says `AssertionError:` and nothing else (issue 26)."""
+    import ast
+    found = []
+    for name in (*STAGES, "preference"):
+        nb = nbformat.read(REPO / "nbs" / f"{name}.ipynb", as_version=4)
+        for i, cell in enumerate(nb.cells):
+            if cell.cell_type != "code":
+                continue
+            source = "\n".join(l for l in cell.source.splitlines() if not l.lstrip().startswith(("%", "!")))
+            found += [f"nbs/{name}.ipynb cell {i} line {n.lineno}" for n in ast.walk(ast.parse(source))
+                      if isinstance(n, ast.Assert)]
+    assert found == [], found
+
+
+def test_a_failed_stage_check_says_what_it_measured_and_expected():
+    from adapterlab.config import CheckFailed, check
+    with pytest.raises(CheckFailed) as e:
+        check(1.01 < 1e-4, "the artifact reloads to the model that trained", "max |logit difference| 1.01e+00",
+              "<= 1e-04 for a float32 base", "load the base as it trained")
+    assert str(e.value) == ("check failed: the artifact reloads to the model that trained: measured max |logit "
+                            "difference| 1.01e+00, expected <= 1e-04 for a float32 base; load the base as it trained")

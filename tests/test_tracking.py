@@ -178,3 +178,30 @@ def test_bars_are_drawn_on_a_terminal_that_reports_no_size(tmp_path):
     screens = shown.decode("utf-8", errors="replace").split("\r")
     drawn = [s for s in screens if s.strip().startswith("train:") and f"/{cfg.train.max_steps}" in s and "loss" in s]
     assert len(drawn) >= 2 and any("tok/s" in s for s in drawn), shown
+
+
+def test_the_live_line_moves_during_gradient_accumulation_and_validation(tmp_path):
+    """A step of 16 micro-batches, or a long validation pass, logs nothing to metrics.jsonl until it ends; the trainer
+    callback's progress.json (written by `skeleton.metrics_callback` on each micro-batch and eval batch) moves the line
+    in between: on a terminal at every change, off one at most once per heartbeat (issue 26)."""
+    from types import SimpleNamespace as NS
+    from adapterlab.skeleton import metrics_callback
+    cfg, run = open_run("ci", "cpu", [f"output.root={tmp_path}", "train.max_steps=2", "hw.grad_accum=16",
+                                      "tracking.heartbeat_s=0.01"])
+    out = io.StringIO()
+    cb = metrics_callback(run / "metrics.jsonl")   # driven as the Trainer drives it
+    state, args = NS(global_step=0, max_steps=2, is_world_process_zero=True), NS(gradient_accumulation_steps=16)
+    with StageProgress("train", run, cfg, run / "logs" / "train.log", out=out, tty=False, poll_s=0.01):
+        for _ in range(2):
+            cb.on_prediction_step(args, state, None, eval_dataloader=range(5))
+            cb.written = 0.0
+            time.sleep(0.1)
+        cb.on_evaluate(args, state, None)
+        for _ in range(3):
+            cb.written = 0.0   # as if a second had passed since the last write
+            cb.on_substep_end(args, state, None)
+            time.sleep(0.1)
+    lines = out.getvalue().splitlines()
+    assert any(l.startswith("  validation: ") and l.endswith("/5") for l in lines), lines
+    micro = [l for l in lines if "micro-batch" in l]
+    assert micro and micro[-1].startswith("  train: 0/2  micro-batch 3/16 of step 1"), lines

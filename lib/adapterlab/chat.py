@@ -13,7 +13,7 @@ from typing import Callable, TextIO
 
 from .config import AdapterlabError
 from .feedback import FeedbackLoop, describe_training_event, open_adapters, watch_training
-from .serve import AdapterSet
+from .serve import AdapterSet, base_precision_option
 
 # %% auto #0
 __all__ = ['PROMPT', 'HELP', 'Chat', 'add_cli']
@@ -173,7 +173,7 @@ def _cmd_chat(args) -> int:
     except ImportError:
         pass
     cfg, _ = training_config(args.experiment, args.hw, args.set)
-    adapters = open_adapters(args.artifacts, cfg, args.device)
+    adapters = open_adapters(args.artifacts, cfg, args.device, args.base_precision)
     loop = FeedbackLoop(adapters, args.experiment, args.hw, args.set)
     chat = Chat(adapters, loop, max_new_tokens=args.max_new_tokens, system=args.system)
     model = adapters.cfg.model.base_model
@@ -196,4 +196,5 @@ def add_cli(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the adapter's eval.max_new_tokens")
     p.add_argument("--system", default=None, help="system message (default: the training config's data.system_prompt)")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: as trained, if available here")
+    base_precision_option(p)
     p.set_defaults(func=_cmd_chat)

@@ -144,12 +144,13 @@ class FeedbackLoop:
 
 
 # %% ../../nbs/34_feedback.ipynb #063ae787
-def open_adapters(artifacts: Sequence[str], cfg: Config, device: str | None = None) -> AdapterSet:
-    "The adapters named (`[NAME=]PATH`), else the newest verified artifact under `cfg`'s runs, else the base alone."
+def open_adapters(artifacts: Sequence[str], cfg: Config, device: str | None = None, base: str = "trained") -> AdapterSet:
+    """The adapters named (`[NAME=]PATH`), else the newest verified artifact under `cfg`'s runs, else the base alone;
+    `base`: the base as they trained (a QLoRA adapter's 4-bit base) or `full` precision."""
     if artifacts:
-        return AdapterSet.open(artifacts, device=device)
+        return AdapterSet.open(artifacts, device=device, base=base)
     if (found := newest_artifact(cfg)) is not None:
-        return AdapterSet.open([found], device=device)
+        return AdapterSet.open([found], device=device, base=base)
     return AdapterSet.from_config(cfg, device=device)
 
 def describe_training_event(event: dict) -> str:

@@ -24,7 +24,7 @@ from typing import Iterator
 from .config import AdapterlabError, Config
 from .queue import QueueError
 from .feedback import FeedbackLoop, describe_training_event, open_adapters, watch_training
-from .serve import AdapterSet, Reply, StreamedReply
+from .serve import AdapterSet, Reply, StreamedReply, base_precision_option
 
 # %% ../../nbs/16_server.ipynb #a025c155
 API_KEY_ENV = "ADAPTERLAB_API_KEY"
@@ -337,7 +337,7 @@ def _cmd_serve(args) -> int:
     cfg, _ = training_config(args.experiment, args.hw, args.set)
     host, port = args.host or cfg.serve.host, cfg.serve.port if args.port is None else args.port
     api_key = os.environ.get(API_KEY_ENV) or None
-    adapters = open_adapters(args.artifacts, cfg, args.device)
+    adapters = open_adapters(args.artifacts, cfg, args.device, args.base_precision)
     loop = FeedbackLoop(adapters, args.experiment, args.hw, args.set, activate=False)
     say = lambda m: print(f"adapterlab serve: {m}", file=sys.stderr, flush=True)
     watch_training(loop, cfg.serve.poll_seconds, lambda e: say(describe_training_event(e)), say)
@@ -359,6 +359,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--port", type=int, default=None, help="port (default: serve.port)")
     p.add_argument("--base-name", default=BASE_MODEL_NAME, help="the `model` name of the base alone")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: as trained, if available here")
+    base_precision_option(p)
     p.add_argument("-f", "--experiment", default=None, help="experiment whose queue and training feedback uses")
     p.add_argument("--hw", default="cpu", help="hardware profile of that training")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="parameter override")
