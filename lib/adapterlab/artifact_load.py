@@ -109,7 +109,7 @@ def numerics_problems(folder: str | Path, base_model, other_base: bool = False) 
         return []
     return [f"metadata.json: numerics.quantization: the adapter trained on {_quant_name(trained)}, this base is "
             f"{_quant_name(here)}; load the base as it trained, or say that another base is meant "
-            f"(other_base=True, `--base full`)"]
+            f"(other_base=True; on the command line `--base-precision full`)"]
 
 def load_verified_adapter(path: str | Path, base_model=None, *, adapter_name: str = "default", is_trainable: bool = False,
                           other_base: bool = False):

@@ -341,7 +341,7 @@ def evaluate_on_full_base(artifact: Path, cfg: Config, examples, on_trained: lis
     base)` with paired intervals, the logit gap on the first prompts (`trained_logits`: the same prompts' logits on the
     4-bit base), and which base to serve on."""
     import torch
-    from adapterlab.artifact_load import load_verified_adapter
+    from adapterlab.artifact_load import load_verified_adapter, recorded_numerics
     from adapterlab.models import load_base_model
     if cfg.hw.device == "cuda":
         torch.cuda.empty_cache()
@@ -353,7 +353,6 @@ def evaluate_on_full_base(artifact: Path, cfg: Config, examples, on_trained: lis
         on_full = generate_predictions(model, tokenizer, examples, fcfg, desc="adapter on the full base")
     results = compare(on_trained, on_full, metrics, cfg.eval.bootstrap_samples, cfg.seed, schema)
     serve_on, why = full_base_verdict(results)
-    from adapterlab.artifact_load import recorded_numerics
     q = (recorded_numerics(artifact) or {}).get("quantization") or {}   # as it trained: the compute dtype resolved
     return {"trained_on": f"{q.get('quant_type')}{'+double quant' if q.get('double_quant') else ''} "
                           f"({q.get('compute_dtype')} compute)",

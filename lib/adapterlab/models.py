@@ -298,13 +298,23 @@ def load_tokenizer(source: ModelSource, cfg: Config, require_template: bool = Tr
         tok.pad_token = tok.eos_token
     return tok
 
-def prepare_kbit_base(model):
+def prepare_kbit_base(model, use_gradient_checkpointing: bool = False):
     """A 4-bit base as it trains, for every loader alike: PEFT's own `prepare_model_for_kbit_training` (without
-    gradient checkpointing, which only training turns on) freezes it and casts every fp16/bf16 weight that is not
+    gradient checkpointing, which only training turns on: `use_gradient_checkpointing`) freezes it and casts every fp16/bf16 weight that is not
     4-bit (embeddings, norms, LM head) to float32. Training calls the same function; a loader that skipped it ran those
-    layers in bf16, and a QLoRA adapter reloaded on it was off by a whole logit."""
+    layers in bf16, and a QLoRA adapter reloaded on it was off by a whole logit. A 4-bit layer's bias then goes to
+    the layer's compute dtype: bitsandbytes casts it there itself on the first forward pass (`Linear4bit.forward`
+    rewrites `bias.data`), which changed a base tensor during training (Qwen2's attention biases, bf16 compute) and
+    failed the freeze check; cast here, the base is the same before training, after it and on reload."""
+    import bitsandbytes as bnb
     from peft import prepare_model_for_kbit_training
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=use_gradient_checkpointing,
+                                            **({"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+                                               if use_gradient_checkpointing else {}))
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and module.bias is not None and module.compute_dtype is not None:
+            module.bias.data = module.bias.data.to(module.compute_dtype)
+    return model
 
 def load_base_model(cfg: Config, source: ModelSource | None = None):
     """Load the base causal LM and its tokenizer as the profile says; returns `(model, tokenizer, source)`. A 4-bit

@@ -15,7 +15,7 @@ from pathlib import Path
 from .compat import build_sft_trainer, sft_settings
 from .config import Config, ConfigError
 from .data import PreparedData, load_prepared, prepare_data, weighted_sampler
-from .models import ModelSource, cast_adapter, load_base_model
+from .models import ModelSource, cast_adapter, load_base_model, prepare_kbit_base
 from .plan import gib
 from .precision import with_resolved_dtypes
 from .skeleton import (TrainingSkeleton, latest_checkpoint, memory_table, metrics_callback, plot_loss,
@@ -38,11 +38,9 @@ def lora_config(cfg: Config):
 def attach_lora(model, cfg: Config):
     "Wrap the base model with a fresh LoRA adapter (seeded), ready for the freeze check."
     import torch
-    from peft import get_peft_model, prepare_model_for_kbit_training
-    if cfg.hw.quantization != "none":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.hw.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+    from peft import get_peft_model
+    if cfg.hw.quantization != "none":   # the same preparation every loader gives a 4-bit base, with checkpointing
+        model = prepare_kbit_base(model, use_gradient_checkpointing=cfg.hw.gradient_checkpointing)
     torch.manual_seed(cfg.seed)  # LoRA A is initialised randomly: same seed, same adapter
     return get_peft_model(model, lora_config(cfg))
 
